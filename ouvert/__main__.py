@@ -1,0 +1,3 @@
+from ouvert.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,347 @@
+"""Hugging Face checkpoint directories: config.json + safetensors (one file or shards).
+
+Our parameter names are HF's without the `model.` prefix, with two exceptions that compute wants:
+routed experts are stacked into one tensor per projection, and DeepSeek-V3's multi-token
+prediction module, which HF checkpoints keep as layer `num_hidden_layers`, is `mtp.{k}`. The one
+table `NAMES` below maps both directions. Weights are memory-mapped (safetensors), converted only
+if asked for another dtype, and DeepSeek's FP8 blocks are dequantized tensor by tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ouvert.config import ConfigError, ModelConfig
+from ouvert.model import Transformer
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or written; the message names the file and the key."""
+
+
+# ---- the name table ---------------------------------------------------------------------------
+# (ours, HF). Placeholders: {i} a trunk layer, {m} an MTP depth (HF layer num_hidden_layers + m),
+# {e} an expert (stacked on dim 0 on our side), {w} an expert projection, {own} a part only the MTP
+# module has, {rest} any remaining dotted path. First match wins, in both directions.
+NAMES: list[tuple[str, str]] = [
+    ("embed_tokens.weight", "model.embed_tokens.weight"),
+    ("norm.weight", "model.norm.weight"),
+    ("lm_head.weight", "lm_head.weight"),
+    ("layers.{i}.mlp.experts.{w}", "model.layers.{i}.mlp.experts.{e}.{w}.weight"),
+    ("layers.{i}.{rest}", "model.layers.{i}.{rest}"),
+    ("mtp.{m}.norm.weight", "model.layers.{m}.shared_head.norm.weight"),
+    ("mtp.{m}.{own}", "model.layers.{m}.{own}"),
+    ("mtp.{m}.block.mlp.experts.{w}", "model.layers.{m}.mlp.experts.{e}.{w}.weight"),
+    ("mtp.{m}.block.{rest}", "model.layers.{m}.{rest}"),
+]
+# HF keys we read past on purpose: the MTP layer's copies of the shared embedding and head.
+_SHARED_COPIES = re.compile(r"model\.layers\.(\d+)\.(embed_tokens\.weight|shared_head\.head\.weight)$")
+_PATTERNS = {
+    "i": r"(?P<i>\d+)", "m": r"(?P<m>\d+)", "e": r"(?P<e>\d+)", "w": r"(?P<w>gate_proj|up_proj|down_proj)",
+    "own": r"(?P<own>enorm\.weight|hnorm\.weight|eh_proj\.weight)", "rest": r"(?P<rest>.+)",
+}
+
+
+def _regex(template: str) -> re.Pattern:
+    out = re.escape(template)
+    for k, v in _PATTERNS.items():
+        out = out.replace(re.escape("{" + k + "}"), v)
+    return re.compile(out + "$")
+
+
+_RULES = [(ours, hf, _regex(ours), _regex(hf)) for ours, hf in NAMES]
+
+
+def hf_names(name: str, cfg: ModelConfig) -> list[str]:
+    """Our parameter name -> its HF key(s); a stacked expert tensor gives one key per expert."""
+    n = cfg.num_hidden_layers
+    for ours, hf, ours_re, _ in _RULES:
+        m = ours_re.match(name)
+        if m:
+            g = m.groupdict()
+            if "m" in g:
+                g["m"] = str(n + int(g["m"]))
+            if "{e}" in hf:
+                return [hf.format(**g, e=e) for e in range(cfg.n_routed_experts)]
+            return [hf.format(**g)]
+    raise CheckpointError(f"no HF name for parameter {name!r}")
+
+
+def our_name(key: str, cfg: ModelConfig) -> tuple[str, int | None] | None:
+    """HF key -> (our name, expert index or None); None for keys we skip on purpose."""
+    n = cfg.num_hidden_layers
+    if _SHARED_COPIES.match(key):
+        return None
+    for ours, _, _, hf_re in _RULES:
+        m = hf_re.match(key)
+        if not m:
+            continue
+        g = m.groupdict()
+        if "i" in g and int(g["i"]) >= n:
+            continue  # a layer past the trunk is an MTP module
+        if "m" in g:
+            if int(g["m"]) < n:
+                continue
+            g["m"] = str(int(g["m"]) - n)
+        e = g.pop("e", None)
+        return ours.format(**g), None if e is None else int(e)
+    return None
+
+
+# ---- reading ------------------------------------------------------------------------------------
+
+
+def read_config(path: str | Path) -> ModelConfig:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint directory (expected a folder with config.json)")
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{cfg_file}: missing; {path} is not a Hugging Face checkpoint directory")
+    try:
+        return ModelConfig.from_file(cfg_file)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+
+
+class WeightFiles:
+    """The safetensors files of a checkpoint directory, opened memory-mapped, keyed by tensor name."""
+
+    def __init__(self, path: Path):
+        index = path / "model.safetensors.index.json"
+        single = path / "model.safetensors"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+            files = sorted(set(weight_map.values()))
+        elif single.is_file():
+            files = [single.name]
+        else:
+            others = sorted(p.name for p in path.glob("*.safetensors"))
+            if len(others) == 1:
+                files = others
+            else:
+                bins = [p.name for p in path.glob("*.bin")]
+                hint = f" (found {', '.join(bins)}: convert .bin checkpoints to safetensors)" if bins else ""
+                raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json{hint}")
+        self.handles = {}
+        self.where: dict[str, str] = {}
+        for fname in files:
+            fpath = path / fname
+            if not fpath.is_file():
+                raise CheckpointError(f"{fpath}: missing (listed in {index.name})")
+            try:
+                h = safe_open(str(fpath), framework="pt")
+            except (SafetensorError, OSError) as e:
+                raise CheckpointError(f"{fpath}: cannot read safetensors ({e}); the file may be truncated") from None
+            self.handles[fname] = h
+            for k in h.keys():
+                self.where[k] = fname
+        self.path = path
+
+    def get(self, key: str) -> torch.Tensor:
+        fname = self.where[key]
+        try:
+            return self.handles[fname].get_tensor(key)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise CheckpointError(f"{self.path / fname}: cannot read tensor {key!r} ({e})") from None
+
+
+def dequantize_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """DeepSeek-V3's FP8 weights: w (out, in) float8_e4m3fn, scale_inv (ceil(out/b0), ceil(in/b1)).
+    The real weight is w * scale_inv[i // b0, j // b1]."""
+    b0, b1 = block
+    s = scale_inv.float().repeat_interleave(b0, dim=0)[: w.shape[0]].repeat_interleave(b1, dim=1)[:, : w.shape[1]]
+    return (w.float() * s).to(dtype)
+
+
+def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Transformer:
+    """Load a Hugging Face checkpoint directory (config.json + safetensors, sharded or not).
+
+    Tensors stay memory-mapped and in their stored dtype unless `dtype` asks for another; FP8
+    checkpoints are dequantized (to bfloat16 unless told otherwise), one tensor at a time.
+    """
+    path = Path(path)
+    cfg = read_config(path)
+    files = WeightFiles(path)
+    qc = cfg.extra.get("quantization_config") or {}
+    fp8 = qc.get("quant_method") == "fp8"
+    if fp8:
+        block = tuple(qc.get("weight_block_size", (128, 128)))
+        dtype = dtype or torch.bfloat16
+
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = dict(model.named_parameters())
+    expected.update((k, v) for k, v in model.named_buffers() if k in model.state_dict())
+    if cfg.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+
+    used: set[str] = set()
+    state: dict[str, torch.Tensor] = {}
+    for name, meta in expected.items():
+        keys = hf_names(name, cfg)
+        missing = [k for k in keys if k not in files.where]
+        if missing:
+            raise CheckpointError(
+                f"{path}: missing weight {missing[0]!r}"
+                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                + f" needed by {cfg.model_type} with {cfg.num_hidden_layers} layers"
+            )
+        parts = []
+        for k in keys:
+            t = files.get(k)
+            used.add(k)
+            if fp8 and t.dtype == torch.float8_e4m3fn:
+                sk = k + "_scale_inv"
+                if sk not in files.where:
+                    raise CheckpointError(f"{path / files.where[k]}: FP8 weight {k!r} has no {sk!r}")
+                t = dequantize_fp8(t, files.get(sk), block, dtype)
+                used.add(sk)
+            expect = meta.shape[1:] if len(keys) > 1 else meta.shape
+            if t.shape != expect:
+                raise CheckpointError(
+                    f"{path / files.where[k]}: weight {k!r} has shape {tuple(t.shape)}, "
+                    f"expected {tuple(expect)} from config.json"
+                )
+            parts.append(t)
+        t = torch.stack(parts) if len(keys) > 1 else parts[0]
+        # The router stays in its stored precision (float32 in HF checkpoints): routing is a discrete choice.
+        if dtype is not None and t.is_floating_point() and not name.endswith(("mlp.gate.weight", "e_score_correction_bias")):
+            t = t.to(dtype)
+        state[name] = t.to(device)
+
+    unused = [k for k in files.where if k not in used and our_name(k, cfg) is not None]
+    unused = [k for k in unused if not k.endswith("rotary_emb.inv_freq") and not k.endswith("_scale_inv")]
+    if cfg.tie_word_embeddings:
+        unused = [k for k in unused if k != "lm_head.weight"]
+    if unused:
+        warnings.warn(f"{path}: {len(unused)} weight(s) not used by {cfg.model_type}: {', '.join(unused[:5])}")
+
+    model.load_state_dict(state, strict=False, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.reset_buffers()
+    model.inv_freq = model.inv_freq.to(device)
+    if fp8:
+        cfg.extra.pop("quantization_config", None)  # what we hold now is dequantized
+    return model.eval()
+
+
+# ---- writing ------------------------------------------------------------------------------------
+
+
+def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    """Our state dict under HF names: experts unstacked, tied head left out (HF layout)."""
+    cfg = model.config
+    out: dict[str, torch.Tensor] = {}
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        keys = hf_names(name, cfg)
+        if len(keys) > 1:
+            for e, k in enumerate(keys):
+                out[k] = t[e]
+        else:
+            out[keys[0]] = t
+    for m in range(cfg.num_nextn_predict_layers):  # DeepSeek's MTP layer carries its own copies
+        layer = cfg.num_hidden_layers + m
+        out[f"model.layers.{layer}.embed_tokens.weight"] = out["model.embed_tokens.weight"]
+        out[f"model.layers.{layer}.shared_head.head.weight"] = model.lm_head.weight
+    return out
+
+
+def save_model(
+    model: Transformer,
+    path: str | Path,
+    tokenizer=None,
+    max_shard_bytes: int = 5 * 2**30,
+    extra_files: dict[str, str] | None = None,
+) -> Path:
+    """Write a HF checkpoint directory: config.json, generation_config.json, safetensors
+    (sharded above max_shard_bytes, with model.safetensors.index.json), the tokenizer's files.
+
+    Written into a temporary directory beside `path`, then renamed over it: a failure (a full
+    disk) leaves whatever was at `path` untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        _write(model, tmp, tokenizer, max_shard_bytes, extra_files or {})
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{os.getpid()}"
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _write(model: Transformer, out: Path, tokenizer, max_shard_bytes: int, extra_files: dict[str, str]) -> None:
+    cfg = model.config
+    tensors = hf_state_dict(model)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = t
+        size += nbytes
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    weight_map = {}
+    for fname, shard in zip(names, shards):
+        # safetensors refuses tensors that share storage (expert slices, tied copies): clone those.
+        seen: set[int] = set()
+        clean = {}
+        for k, t in shard.items():
+            ptr = t.untyped_storage().data_ptr()
+            shared = ptr in seen or t.numel() != t.untyped_storage().nbytes() // t.element_size()
+            clean[k] = t.detach().clone().contiguous() if shared else t.detach().contiguous()
+            seen.add(ptr)
+        save_file(clean, str(out / fname), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, fname))
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        _write_json(out / "model.safetensors.index.json", index)
+    hf = cfg.to_hf()
+    hf["torch_dtype"] = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
+    _write_json(out / "config.json", hf)
+    gen = {k: v for k, v in (("bos_token_id", cfg.bos_token_id), ("eos_token_id", cfg.eos_token_id)) if v is not None}
+    if tokenizer is not None:
+        tokenizer.save(out)
+        gen.update(tokenizer.generation_config)
+    if gen:
+        _write_json(out / "generation_config.json", gen)
+    for name, text in extra_files.items():
+        (out / name).write_text(text)
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")

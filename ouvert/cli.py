@@ -1,0 +1,202 @@
+"""The `ouvert` command: generate, chat, info, init.
+
+Each subcommand is a thin function over the library; errors print one plain line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _load(args) -> tuple:
+    from ouvert import load_model, load_tokenizer
+
+    model = load_model(args.model, dtype=DTYPES.get(args.dtype))
+    tok_dir = Path(args.tokenizer or args.model)
+    if not (tok_dir / "tokenizer.json").is_file():
+        raise ValueError(f"{tok_dir}: no tokenizer.json; pass --tokenizer DIR")
+    return model, load_tokenizer(tok_dir)
+
+
+def _stop_ids(model, tok) -> list[int]:
+    ids = list(tok.stop_token_ids)
+    for i in model.config.stop_token_ids:
+        if i not in ids:
+            ids.append(i)
+    return ids
+
+
+def _stream_reply(model, tok, ids: list[int], args) -> tuple[list[int], float]:
+    """Generate from ids, printing text as it is produced; returns the new ids and tokens/s."""
+    from ouvert.generate import stream
+
+    dec = tok.stream(skip_special_tokens=True)
+    new: list[int] = []
+    t0 = time.perf_counter()
+    for step in stream(
+        model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        min_p=args.min_p, repetition_penalty_=args.repetition_penalty, seed=args.seed,
+        stop_token_ids=_stop_ids(model, tok),
+    ):
+        t = step[0]
+        if t is None:
+            break
+        new.append(t)
+        print(dec.push(t), end="", flush=True)
+    print(dec.flush(), flush=True)
+    return new, len(new) / max(time.perf_counter() - t0, 1e-9)
+
+
+def cmd_generate(args) -> None:
+    model, tok = _load(args)
+    ids = tok.encode(args.prompt)
+    print(args.prompt, end="", flush=True)
+    new, rate = _stream_reply(model, tok, ids, args)
+    print(f"[{len(ids)} prompt tokens, {len(new)} new, {rate:.1f} tokens/s]", file=sys.stderr)
+
+
+def cmd_chat(args) -> None:
+    model, tok = _load(args)
+    messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    print("ouvert chat: type a message; /reset clears the conversation, /exit or Ctrl-D quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return
+        if line.strip() in ("/exit", "/quit"):
+            return
+        if line.strip() == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        new, rate = _stream_reply(model, tok, ids, args)
+        messages.append({"role": "assistant", "content": tok.decode(new, skip_special_tokens=True)})
+        print(f"[{rate:.1f} tokens/s]", file=sys.stderr)
+
+
+def describe(model) -> list[tuple[str, str]]:
+    """Rows of `ouvert info`."""
+    c = model.config
+    params = sum(p.numel() for p in model.parameters())
+    rows = [
+        ("architecture", c.model_type),
+        ("parameters", f"{params:,} ({params / 1e6:.1f}M)"),
+        ("dtype", str(model.embed_tokens.weight.dtype).removeprefix("torch.")),
+        ("context length", f"{c.max_position_embeddings:,}"),
+        ("layers", str(c.num_hidden_layers)),
+        ("hidden size", str(c.hidden_size)),
+        ("vocabulary", f"{c.vocab_size:,}"),
+    ]
+    if c.is_mla:
+        q = "direct" if c.q_lora_rank is None else f"q_lora_rank {c.q_lora_rank}"
+        rows.append(("attention", f"MLA, {c.num_attention_heads} heads, kv_lora_rank {c.kv_lora_rank}, {q}"))
+    else:
+        rows.append(("attention", f"GQA, {c.num_attention_heads} heads, {c.num_key_value_heads} KV heads, "
+                                  f"head_dim {c.head_dim}"))
+    if c.n_routed_experts:
+        n_moe = sum(c.is_moe_layer(i) for i in range(c.num_hidden_layers))
+        rows.append(("experts", f"{n_moe} MoE layers: {c.n_routed_experts} routed ({c.num_experts_per_tok} active), "
+                                f"{c.n_shared_experts} shared, {c.scoring_func} gating"))
+    if c.rope_scaling:
+        rows.append(("rope", f"theta {c.rope_theta:g}, {c.rope_scaling['rope_type']} scaling"))
+    else:
+        rows.append(("rope", f"theta {c.rope_theta:g}"))
+    if c.num_nextn_predict_layers:
+        rows.append(("mtp", f"{len(model.mtp)} module(s) loaded"))
+    rows.append(("tied embeddings", str(c.tie_word_embeddings).lower()))
+    return rows
+
+
+def cmd_info(args) -> None:
+    from ouvert import load_model
+
+    model = load_model(args.model)
+    rows = describe(model)
+    w = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{w}}  {v}")
+
+
+def cmd_init(args) -> None:
+    """A new model with random weights from a preset (for the demo, and to start training)."""
+    from ouvert import Transformer, load_tokenizer, preset, save_model
+
+    cfg = preset(args.preset)
+    tok = load_tokenizer(args.tokenizer) if args.tokenizer else None
+    if tok is not None and tok.vocab_size > cfg.vocab_size:
+        raise ValueError(f"tokenizer has {tok.vocab_size} tokens but preset {args.preset} only {cfg.vocab_size}")
+    model = Transformer(cfg)
+    model.init_weights(std=args.init_std, generator=torch.Generator().manual_seed(args.seed))
+    model.to(DTYPES[args.dtype])
+    save_model(model, args.out, tokenizer=tok)
+    print(f"wrote {args.out} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, preset {args.preset})")
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="checkpoint directory (Hugging Face layout)")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: the model's)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.7, help="0 is greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: as stored")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="ouvert", description="Run, inspect and build Llama and DeepSeek models.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("generate", help="continue a prompt, streaming the text")
+    _sampling_args(p)
+    p.add_argument("prompt")
+    p.set_defaults(func=cmd_generate)
+    p = sub.add_parser("chat", help="talk with a model, using its chat template")
+    _sampling_args(p)
+    p.add_argument("--system", help="system prompt")
+    p.set_defaults(func=cmd_chat)
+    p = sub.add_parser("info", help="architecture, parameter count, dtype, context length")
+    p.add_argument("--model", required=True)
+    p.set_defaults(func=cmd_info)
+    p = sub.add_parser("init", help="a random-weight model from a preset")
+    p.add_argument("--preset", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--tokenizer")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init-std", type=float, default=0.02)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.set_defaults(func=cmd_init)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from ouvert.checkpoint.hf import CheckpointError
+    from ouvert.config import ConfigError
+    from ouvert.tokenizer import TokenizerError
+
+    try:
+        args.func(args)
+    except (CheckpointError, ConfigError, TokenizerError, ValueError, FileNotFoundError) as e:
+        print(f"ouvert {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

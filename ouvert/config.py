@@ -1,0 +1,268 @@
+"""Model configuration: one dataclass for the Llama and DeepSeek families.
+
+`ModelConfig.from_hf` reads a Hugging Face `config.json` dict (both the hub spelling, with
+top-level `rope_theta` and `rope_scaling`, and the transformers 5 spelling, `rope_parameters`);
+`to_hf` writes one back that transformers, vLLM and llama.cpp's converter read.
+
+A Llama-family model is a DeepSeek model with two parts swapped: grouped-query attention
+instead of multi-head latent attention (`kv_lora_rank is None`), and a dense SwiGLU MLP in
+every layer instead of mixture-of-experts (`n_routed_experts is None`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config that ouvert cannot run, with the file and key at fault in the message."""
+
+
+# model_type -> family defaults that differ from the dataclass defaults.
+_FAMILIES: dict[str, dict[str, Any]] = {
+    "llama": {},
+    "mistral": {"rope_theta": 1e6},
+    "qwen2": {"attention_bias": True, "rope_theta": 1e6},
+    "qwen3": {"qk_norm": True, "rope_theta": 1e6},
+    "deepseek_v2": {"scoring_func": "softmax", "topk_method": "greedy", "rope_interleave": True},
+    "deepseek_v3": {"scoring_func": "sigmoid", "topk_method": "noaux_tc", "rope_interleave": True},
+}
+
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a decoder-only transformer. Field names follow the HF configs and the papers."""
+
+    model_type: str = "llama"
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008  # SwiGLU hidden width of the dense MLP
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None  # GQA groups; None means as many as query heads
+    head_dim: int | None = None  # None means hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # bias on q/k/v (Qwen2); o_proj keeps none
+    mlp_bias: bool = False
+    qk_norm: bool = False  # RMSNorm on each head of q and k before rotary (Qwen3)
+    sliding_window: int | None = None  # Mistral: attend to the last `sliding_window` keys only
+
+    # Rotary position embedding. rope_scaling holds the scaling rule in normalised form:
+    # {"rope_type": "linear" | "llama3" | "yarn", "factor": ..., ...}; None means plain RoPE.
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    rope_interleave: bool = False  # DeepSeek: rotary pairs are adjacent (x0,x1) not halves (x0,x_{d/2})
+
+    # Multi-head latent attention (DeepSeek-V2 §2.1). kv_lora_rank None means GQA instead.
+    q_lora_rank: int | None = None  # None: q = q_proj(x) directly (V2-Lite)
+    kv_lora_rank: int | None = None
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+
+    # DeepSeekMoE (DeepSeek-V2 §2.2, V3 §2.1.2). n_routed_experts None means dense MLP everywhere.
+    n_routed_experts: int | None = None
+    num_experts_per_tok: int = 8
+    n_shared_experts: int = 0
+    moe_intermediate_size: int = 1407
+    n_group: int = 1
+    topk_group: int = 1
+    topk_method: str = "greedy"  # greedy | group_limited_greedy (V2) | noaux_tc (V3)
+    scoring_func: str = "softmax"  # softmax (V2) | sigmoid (V3)
+    norm_topk_prob: bool = False
+    routed_scaling_factor: float = 1.0
+    first_k_dense_replace: int = 0  # the first k layers keep a dense MLP
+    moe_layer_freq: int = 1
+    num_nextn_predict_layers: int = 0  # multi-token prediction modules (V3 §2.2)
+
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    torch_dtype: str | None = None  # dtype the checkpoint was saved in
+
+    # Keys of the source config.json that ouvert does not use, kept so to_hf() loses nothing.
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if self.rope_scaling is not None and self.rope_scaling.get("rope_type", "default") not in ROPE_TYPES:
+            raise ConfigError(
+                f"rope_scaling: unsupported rope_type {self.rope_scaling.get('rope_type')!r}; "
+                f"ouvert knows {', '.join(ROPE_TYPES)}"
+            )
+
+    # ---- derived values -------------------------------------------------------------------
+    @property
+    def is_mla(self) -> bool:
+        return self.kv_lora_rank is not None
+
+    @property
+    def qk_head_dim(self) -> int:
+        """Width of one attention head's query and key."""
+        return self.qk_nope_head_dim + self.qk_rope_head_dim if self.is_mla else self.head_dim
+
+    @property
+    def rope_dim(self) -> int:
+        """How many channels of each head rotate: all of them for GQA, the decoupled part for MLA."""
+        return self.qk_rope_head_dim if self.is_mla else self.head_dim
+
+    def is_moe_layer(self, i: int) -> bool:
+        return (
+            self.n_routed_experts is not None
+            and i >= self.first_k_dense_replace
+            and i % self.moe_layer_freq == 0
+        )
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        e = self.eos_token_id
+        return [] if e is None else list(e) if isinstance(e, list) else [e]
+
+    # ---- Hugging Face config.json -----------------------------------------------------------
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
+        """Build from a Hugging Face config dict. `source` names the file in error messages."""
+        hf = dict(hf)
+        model_type = hf.get("model_type")
+        if model_type is None:
+            raise ConfigError(f"{source}: key 'model_type' is missing")
+        if model_type not in _FAMILIES:
+            raise ConfigError(
+                f"{source}: unknown model_type {model_type!r} (key 'model_type'); "
+                f"ouvert runs {', '.join(sorted(_FAMILIES))}"
+            )
+        for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
+            if key not in hf:
+                raise ConfigError(f"{source}: key {key!r} is missing")
+        kw: dict[str, Any] = dict(_FAMILIES[model_type])
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra", "rope_theta", "rope_scaling"}
+        for key in names & hf.keys():
+            value = hf.pop(key)
+            if value is not None:  # an explicit null means "the default" (head_dim, q_lora_rank)
+                kw[key] = value
+        if "dtype" in hf:  # transformers 5 says dtype where 4 said torch_dtype
+            kw["torch_dtype"] = hf.pop("dtype")
+        if model_type == "qwen2" and not hf.get("use_sliding_window", False):
+            kw["sliding_window"] = None
+
+        # Rotary: hub spelling (rope_theta + rope_scaling with "type" or "rope_type") or the
+        # transformers 5 spelling (rope_parameters, holding rope_theta as well).
+        params = hf.pop("rope_parameters", None) or {}
+        scaling = hf.pop("rope_scaling", None) or {}
+        theta = hf.pop("rope_theta", None)
+        rope = {**params, **scaling}
+        theta = rope.pop("rope_theta", theta)
+        if theta is not None:
+            kw["rope_theta"] = float(theta)
+        rope_type = rope.pop("rope_type", None) or rope.pop("type", None) or "default"
+        rope.pop("type", None)
+        if rope_type != "default":
+            if rope_type not in ROPE_TYPES:
+                raise ConfigError(
+                    f"{source}: unsupported rope type {rope_type!r} (key 'rope_scaling'); "
+                    f"ouvert knows {', '.join(ROPE_TYPES)}"
+                )
+            if rope_type in ("linear", "llama3") and "factor" not in rope:
+                raise ConfigError(f"{source}: rope_scaling of type {rope_type!r} needs key 'factor'")
+            kw["rope_scaling"] = {"rope_type": rope_type, **rope}
+        kw["extra"] = hf
+        try:
+            return cls(**kw)
+        except TypeError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+    def to_hf(self) -> dict[str, Any]:
+        """A config.json dict in the hub spelling, which transformers 4 and 5, vLLM and llama.cpp read."""
+        out: dict[str, Any] = dict(self.extra)
+        skip = {"extra", "rope_scaling", "torch_dtype", "qk_norm", "rope_interleave"}
+        if not self.is_mla:
+            skip |= {"q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"}
+        if self.n_routed_experts is None:
+            skip |= {
+                "n_routed_experts", "num_experts_per_tok", "n_shared_experts", "moe_intermediate_size",
+                "n_group", "topk_group", "topk_method", "scoring_func", "norm_topk_prob",
+                "routed_scaling_factor", "first_k_dense_replace", "moe_layer_freq",
+            }
+        if not self.model_type.startswith("deepseek"):
+            skip |= {"num_nextn_predict_layers"}
+        else:
+            out["rope_interleave"] = self.rope_interleave
+        if self.model_type not in ("mistral", "qwen2"):
+            skip |= {"sliding_window"}
+        for f in dataclasses.fields(self):
+            if f.name not in skip:
+                out[f.name] = getattr(self, f.name)
+        out["rope_scaling"] = dict(self.rope_scaling) if self.rope_scaling else None
+        if self.torch_dtype:
+            out["torch_dtype"] = self.torch_dtype
+        out["architectures"] = [_ARCHITECTURES[self.model_type]]
+        return out
+
+    # ---- files ----------------------------------------------------------------------------
+    @classmethod
+    def from_file(cls, path: str | Path) -> ModelConfig:
+        """Read a config.json, or a preset TOML (a [model] table of ModelConfig fields)."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such file")
+        if path.suffix == ".toml":
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+            data = data.get("model", data)
+            unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+            if unknown:
+                raise ConfigError(f"{path}: unknown model key(s) {sorted(unknown)}")
+            return cls(**data)
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_hf(data, source=str(path))
+
+    def num_params(self) -> int:
+        """Parameter count, computed from the shapes (no model needed)."""
+        from ouvert.model import Transformer  # local: config must not import torch modules eagerly
+
+        import torch
+
+        with torch.device("meta"):
+            m = Transformer(self)
+        return sum(p.numel() for p in m.parameters())
+
+
+_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "deepseek_v2": "DeepseekV2ForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
+}
+
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+
+
+def preset(name: str) -> ModelConfig:
+    """A named preset from ouvert/presets/NAME.toml (demo, tiny-llama, smollm2-135m, llama-3.2-1b, ...)."""
+    path = PRESETS_DIR / f"{name}.toml"
+    if not path.is_file():
+        names = sorted(p.stem for p in PRESETS_DIR.glob("*.toml"))
+        raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(names)}")
+    return ModelConfig.from_file(path)

@@ -1,0 +1,158 @@
+"""Generation as small functions over (model, tokens, positions, cache).
+
+`prefill` runs the prompts (left-padded to one length) and fills the cache; `decode_step` runs
+one new token per row. `stream` yields the tokens of each step as they come; `generate` collects
+them. Stop tokens end a row (and are kept in its output, as transformers does); stop strings end
+it once the decoded text contains them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from ouvert.generate.cache import Cache
+from ouvert.generate.sampling import SamplingParams, repetition_penalty, sample
+
+
+def pad_left(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[Tensor, Tensor]:
+    """Prompts of different lengths -> tokens (B, T) left-padded, and the mask (B, T) of real tokens."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    T = max(len(p) for p in prompts)
+    tokens = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), T, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        tokens[i, T - len(p) :] = torch.as_tensor(list(p), dtype=torch.long)
+        mask[i, T - len(p) :] = True
+    return tokens, mask
+
+
+@torch.inference_mode()
+def prefill(model, tokens: Tensor, mask: Tensor, cache: Cache) -> tuple[Tensor, Tensor]:
+    """Run the prompts; returns the last position's logits (B, V) and each row's next position (B,)."""
+    positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
+    pad = None if bool(mask.all()) else mask
+    logits = model(tokens, positions, cache, pad, last_only=True)
+    return logits[:, -1], mask.sum(dim=1)
+
+
+@torch.inference_mode()
+def decode_step(model, token: Tensor, position: Tensor, cache: Cache) -> Tensor:
+    """One token per row: token, position (B,) -> logits (B, V)."""
+    return model(token.unsqueeze(1), position.unsqueeze(1), cache, last_only=True)[:, -1]
+
+
+def _as_batch(prompts) -> list[list[int]]:
+    if isinstance(prompts, Tensor):
+        prompts = prompts.tolist()
+    if len(prompts) and isinstance(prompts[0], int):
+        return [list(prompts)]
+    return [list(p) for p in prompts]
+
+
+def stream(
+    model,
+    prompts: Sequence[int] | Sequence[Sequence[int]] | Tensor,
+    max_new_tokens: int = 64,
+    *,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    repetition_penalty_: float = 1.0,
+    seed: int | None = None,
+    stop_token_ids: Sequence[int] | None = None,
+    stop: Sequence[str] | None = None,
+    tokenizer=None,
+) -> Iterator[list[int | None]]:
+    """Yield, per step, one new token per prompt (None for rows that have already stopped)."""
+    params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty_)
+    batch = _as_batch(prompts)
+    B = len(batch)
+    cfg = model.config
+    ctx = cfg.max_position_embeddings
+    longest = max(len(p) for p in batch)
+    if longest + max_new_tokens > ctx:
+        raise ValueError(
+            f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context length {ctx}"
+        )
+    if stop and tokenizer is None:
+        raise ValueError("stop strings need a tokenizer")
+    stops = set(cfg.stop_token_ids if stop_token_ids is None else stop_token_ids)
+    device = model.embed_tokens.weight.device
+    generators = None
+    if seed is not None and not params.greedy:
+        generators = [torch.Generator(device=device).manual_seed(seed + i) for i in range(B)]
+
+    tokens, mask = pad_left(batch)
+    tokens, mask = tokens.to(device), mask.to(device)
+    cache = Cache(model, B, longest + max_new_tokens)
+    logits, position = prefill(model, tokens, mask, cache)
+    seen = None
+    if params.repetition_penalty != 1.0:
+        seen = torch.zeros(B, logits.shape[-1], dtype=torch.bool, device=device)
+        seen.scatter_(1, tokens, mask)
+    decoders = [tokenizer.stream() for _ in range(B)] if stop else None
+    texts = [""] * B
+    done = [False] * B
+    for step in range(max_new_tokens):
+        if seen is not None:
+            logits = repetition_penalty(logits, seen, params.repetition_penalty)
+        nxt = sample(logits, params, generators)
+        ids = nxt.tolist()
+        out: list[int | None] = []
+        for i, t in enumerate(ids):
+            if done[i]:
+                out.append(None)
+                continue
+            out.append(t)
+            if t in stops:
+                done[i] = True
+            elif decoders is not None:
+                texts[i] += decoders[i].push(t)
+                tail = texts[i][-(max(map(len, stop)) + 16) :]
+                if any(s in tail for s in stop):
+                    done[i] = True
+        yield out
+        if all(done) or step == max_new_tokens - 1:
+            return
+        if seen is not None:
+            seen.scatter_(1, nxt.unsqueeze(1), True)
+        logits = decode_step(model, nxt, position, cache)
+        position = position + 1
+
+
+def generate(
+    model,
+    prompts: Sequence[int] | Sequence[Sequence[int]] | Tensor,
+    max_new_tokens: int = 64,
+    *,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+    seed: int | None = None,
+    stop_token_ids: Sequence[int] | None = None,
+    stop: Sequence[str] | None = None,
+    tokenizer=None,
+    on_token: Callable[[list[int | None]], None] | None = None,
+) -> list[list[int]]:
+    """Generate up to max_new_tokens for one prompt (a list of ids) or a batch of prompts of any
+    lengths. temperature 0 is greedy. Returns the new ids, one list per prompt. `on_token` is
+    called with each step's tokens, for streaming. Stop tokens default to the config's eos ids."""
+    outs: list[list[int]] = [[] for _ in _as_batch(prompts)]
+    for step in stream(
+        model, prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+        repetition_penalty_=repetition_penalty, seed=seed, stop_token_ids=stop_token_ids, stop=stop,
+        tokenizer=tokenizer,
+    ):
+        for o, t in zip(outs, step):
+            if t is not None:
+                o.append(t)
+        if on_token is not None:
+            on_token(step)
+    return outs

@@ -1,0 +1,532 @@
+"""One decoder-only transformer for the Llama and DeepSeek families.
+
+A Block is norm -> attention -> residual -> norm -> feed-forward -> residual. Attention is
+grouped-query attention (Llama, GQA, arXiv:2305.13245) or multi-head latent attention (DeepSeek-V2
+§2.1, arXiv:2405.04434); the feed-forward is a SwiGLU MLP (arXiv:2002.05202) or DeepSeekMoE
+(arXiv:2401.06066), chosen per layer by the config. DeepSeek-V3's multi-token prediction modules
+(arXiv:2412.19437 §2.2) sit beside the trunk and are run on request.
+
+Module and parameter names follow the Hugging Face checkpoints (`q_proj`, `kv_a_proj_with_mqa`,
+`e_score_correction_bias`), so loading is a plain copy except for the stacked experts
+(see checkpoint/hf.py). Caches are passed in (generate/cache.py), never stored on the model.
+This file imports neither torch.distributed nor the tokenizer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ouvert.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (arXiv:1910.07467), computed in float32 as the HF models do."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype) * self.weight
+
+
+# ---- rotary position embedding -------------------------------------------------------------
+
+
+def rope_frequencies(cfg: ModelConfig) -> tuple[Tensor, float]:
+    """Inverse frequencies (rope_dim/2,) and the factor applied to cos/sin, per rope_type.
+
+    linear: positions / factor (arXiv:2306.15595). llama3: low frequencies / factor, high ones
+    kept, a smooth ramp between. yarn (arXiv:2309.00071): ramp between interpolation and
+    extrapolation over a band of dimensions, and cos/sin scaled by an attention factor.
+    """
+    dim, base = cfg.rope_dim, cfg.rope_theta  # computed on the CPU, even inside a meta-device context
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
+    rs = cfg.rope_scaling or {}
+    kind = rs.get("rope_type", "default")
+    if kind == "default":
+        return inv_freq, 1.0
+    if kind == "linear":
+        return inv_freq / rs["factor"], 1.0
+    if kind == "llama3":
+        factor, lo, hi = rs["factor"], rs.get("low_freq_factor", 1.0), rs.get("high_freq_factor", 4.0)
+        old_len = rs.get("original_max_position_embeddings", 8192)
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_len / hi) & ~(wavelen > old_len / lo)
+        return torch.where(medium, smoothed, scaled), 1.0
+    # yarn
+    factor = rs.get("factor") or cfg.max_position_embeddings / rs["original_max_position_embeddings"]
+    old_len = rs.get("original_max_position_embeddings", cfg.max_position_embeddings)
+    beta_fast, beta_slow = rs.get("beta_fast") or 32, rs.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if rs.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
+    inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
+    attention_factor = rs.get("attention_factor")
+    if attention_factor is None:
+        m, m_all = rs.get("mscale"), rs.get("mscale_all_dim")
+        attention_factor = yarn_mscale(factor, m) / yarn_mscale(factor, m_all) if m and m_all else yarn_mscale(factor)
+    return inv_freq, float(attention_factor)
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x (B, H, T, d) rotated by cos/sin (B, 1, T, d), halves layout (x_i pairs with x_{i+d/2})."""
+    return x * cos + rotate_half(x) * sin
+
+
+def deinterleave(x: Tensor) -> Tensor:
+    """(x0, x1, x2, x3, ...) -> (x0, x2, ..., x1, x3, ...): DeepSeek's adjacent rotary pairs become
+    halves, so one apply_rope serves both. q and k get the same permutation, so q.k is unchanged."""
+    *lead, d = x.shape
+    return x.view(*lead, d // 2, 2).transpose(-1, -2).reshape(*lead, d)
+
+
+# ---- attention ------------------------------------------------------------------------------
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, scale: float) -> Tensor:
+    """Scaled dot-product attention with GQA. q (B, H, T, d), k (B, Hkv, S, d), v (B, Hkv, S, dv)."""
+    B, H, T, d = q.shape
+    Hkv = k.shape[1]
+    if T == 1 and H != Hkv:
+        # Decode: fold the query heads of a group into the time axis, so each K/V head is read
+        # once (much faster on CPU than enable_gqa, which expands K and V).
+        g = H // Hkv
+        y = F.scaled_dot_product_attention(q.view(B, Hkv, g, d), k, v, attn_mask=mask, scale=scale)
+        return y.view(B, H, 1, -1)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=scale, enable_gqa=H != Hkv
+    )
+
+
+class Attention(nn.Module):
+    """Grouped-query attention; caches K and V per layer: 2 * n_kv_heads * head_dim numbers per token."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        D, hd = cfg.hidden_size, cfg.head_dim
+        self.q_proj = nn.Linear(D, self.n_head * hd, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(D, self.n_kv_head * hd, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(D, self.n_kv_head * hd, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.n_head * hd, D, bias=False)
+        if cfg.qk_norm:  # Qwen3: RMSNorm over each head's channels, before rotary
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
+        self.qk_norm = cfg.qk_norm
+        self.scale = hd**-0.5
+
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device) -> tuple[Tensor, ...]:
+        shape = (batch, self.n_kv_head, max_len, self.head_dim)
+        return torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, cache=None) -> Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = rope
+        q = apply_rope(q.transpose(1, 2), cos, sin)  # (B, H, T, hd)
+        k = apply_rope(k.transpose(1, 2), cos, sin)  # (B, Hkv, T, hd)
+        if cache is not None:
+            k_cache, v_cache = cache.layers[self.layer_idx]
+            s0, s1 = cache.start, cache.start + T
+            k_cache[:, :, s0:s1] = k
+            v_cache[:, :, s0:s1] = v
+            k, v = k_cache[:, :, :s1], v_cache[:, :, :s1]  # (B, Hkv, S, hd)
+        y = attend(q, k, v, mask, cache is None or cache.start == 0, self.scale)  # (B, H, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLAttention(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2 §2.1).
+
+    Keys and values are compressed into a latent c_kv (kv_lora_rank) plus one rotary key shared by
+    all heads (qk_rope_head_dim); the cache holds just those two, kv_lora_rank + qk_rope_head_dim
+    numbers per token per layer. Two equal ways to attend:
+      naive:    expand c_kv through kv_b_proj into per-head keys and values, then attend.
+      absorbed: fold kv_b_proj's key half into the query and its value half into the output, and
+                attend over the latent directly (§2.1.2); the default for decoding.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        D, H = cfg.hidden_size, cfg.num_attention_heads
+        self.n_head, self.kv_lora_rank = H, cfg.kv_lora_rank
+        self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        qk = self.nope + self.rope
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(D, H * qk, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(D, cfg.q_lora_rank, bias=cfg.attention_bias)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank)  # eps 1e-6 whatever rms_norm_eps says, as HF
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * qk, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(D, cfg.kv_lora_rank + self.rope, bias=cfg.attention_bias)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (self.nope + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(H * self.v_dim, D, bias=cfg.attention_bias)
+        self.interleave = cfg.rope_interleave
+        self.scale = qk**-0.5
+        rs = cfg.rope_scaling or {}
+        if rs.get("rope_type") == "yarn" and rs.get("mscale_all_dim"):
+            # YaRN's attention temperature, applied to the softmax scale (DeepSeek-V2 config).
+            self.scale *= yarn_mscale(rs["factor"], rs["mscale_all_dim"]) ** 2
+        self.absorb = True  # use the absorbed path when decoding from a cache
+
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device) -> tuple[Tensor, ...]:
+        # One buffer per layer: [c_kv | k_rope] along the last axis.
+        return (torch.zeros(batch, max_len, self.kv_lora_rank + self.rope, dtype=dtype, device=device),)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, cache=None) -> Tensor:
+        B, T, _ = x.shape
+        H = self.n_head
+        q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(B, T, H, -1).transpose(1, 2)  # (B, H, T, nope+rope)
+        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)  # (B, T, r)
+        if self.interleave:
+            q_pe, k_pe = deinterleave(q_pe), deinterleave(k_pe)
+        cos, sin = rope
+        q_pe = apply_rope(q_pe, cos, sin)  # (B, H, T, rope)
+        k_pe = apply_rope(k_pe.unsqueeze(1), cos, sin).squeeze(1)  # (B, T, rope), shared by all heads
+        causal = cache is None or cache.start == 0
+        if cache is not None:
+            (buf,) = cache.layers[self.layer_idx]
+            s0, s1 = cache.start, cache.start + T
+            buf[:, s0:s1, : self.kv_lora_rank] = c_kv
+            buf[:, s0:s1, self.kv_lora_rank :] = k_pe
+            if self.absorb and not causal:
+                return self._absorbed(q_nope, q_pe, buf[:, :s1], mask)
+            c_kv, k_pe = buf[:, :s1].split([self.kv_lora_rank, self.rope], dim=-1)
+        # naive: per-head keys and values from the latent
+        S = c_kv.shape[1]
+        kv = self.kv_b_proj(c_kv).view(B, S, H, self.nope + self.v_dim).transpose(1, 2)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)  # (B, H, S, nope), (B, H, S, v)
+        k = torch.cat([k_nope, k_pe.unsqueeze(1).expand(B, H, S, self.rope)], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        y = attend(q, k, v, mask, causal, self.scale)  # (B, H, T, v)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    def _absorbed(self, q_nope: Tensor, q_pe: Tensor, latent: Tensor, mask: Tensor | None) -> Tensor:
+        """Attend over the cached latent [c_kv | k_rope] (B, S, r + rope) without expanding it."""
+        B, H, T, _ = q_nope.shape
+        r = self.kv_lora_rank
+        w = self.kv_b_proj.weight.view(H, self.nope + self.v_dim, r)
+        w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]  # (H, nope, r), (H, v, r)
+        q_lat = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk)  # (B, H, T, r)
+        q = torch.cat([q_lat, q_pe], dim=-1)  # (B, H, T, r + rope): q.k = q_nope.k_nope + q_pe.k_pe
+        k = latent.unsqueeze(1)  # (B, 1, S, r + rope): one "head" shared by all queries
+        v = latent[..., :r].unsqueeze(1)  # (B, 1, S, r)
+        o = attend(q, k, v, mask, False, self.scale)  # (B, H, T, r)
+        y = torch.einsum("bhtr,hvr->bthv", o, w_uv)  # (B, T, H, v)
+        return self.o_proj(y.reshape(B, T, -1))
+
+
+# ---- feed-forward ---------------------------------------------------------------------------
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, dim: int, hidden: int, bias: bool = False):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Experts(nn.Module):
+    """n_routed_experts SwiGLU MLPs stored stacked: one (E, out, in) tensor per projection."""
+
+    def __init__(self, n: int, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Parameter(torch.empty(n, hidden, dim))
+        self.up_proj = nn.Parameter(torch.empty(n, hidden, dim))
+        self.down_proj = nn.Parameter(torch.empty(n, dim, hidden))
+
+    def forward(self, x: Tensor, expert_idx: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+        """x (N, D); expert_idx, weight (N, k). Returns sum_k weight * expert(x) (N, D) and the
+        number of tokens each expert got (E,).
+
+        Token-expert pairs are sorted by expert, so each expert runs its tokens as one matmul:
+        a loop over experts, never over tokens."""
+        N, k = expert_idx.shape
+        flat = expert_idx.flatten()
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=self.gate_proj.shape[0])
+        token = order // k  # which token each sorted pair belongs to
+        xs = x[token]  # (N*k, D)
+        out = torch.empty_like(xs)
+        start = 0
+        for e, n in enumerate(counts.tolist()):
+            if n:
+                xe = xs[start : start + n]
+                h = F.silu(xe @ self.gate_proj[e].T) * (xe @ self.up_proj[e].T)
+                out[start : start + n] = h @ self.down_proj[e].T
+                start += n
+        out = out * weight.flatten()[order].unsqueeze(-1).to(out.dtype)
+        y = torch.zeros_like(x).index_add_(0, token, out)
+        return y, counts
+
+
+class Router(nn.Module):
+    """Chooses num_experts_per_tok experts for each token (DeepSeek-V2 §2.2, V3 §2.1.2).
+
+    V2: softmax scores; `greedy` takes the top-k, `group_limited_greedy` first keeps the topk_group
+    groups with the best single score. V3 (`noaux_tc`): sigmoid scores; e_score_correction_bias is
+    added for the choice only (auxiliary-loss-free balancing, V3 §2.1.2) and groups rank by the sum
+    of their two best biased scores. The gate weights are the unbiased scores of the chosen experts,
+    normalised when norm_topk_prob, times routed_scaling_factor.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        E = cfg.n_routed_experts
+        self.weight = nn.Parameter(torch.empty(E, cfg.hidden_size))
+        self.top_k, self.n_group, self.topk_group = cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group
+        self.topk_method, self.scoring_func = cfg.topk_method, cfg.scoring_func
+        self.norm_topk_prob, self.routed_scaling_factor = cfg.norm_topk_prob, cfg.routed_scaling_factor
+        if self.topk_method == "noaux_tc":
+            self.register_buffer("e_score_correction_bias", torch.zeros(E))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x (N, D) -> expert indices (N, k), gate weights (N, k) in float32."""
+        logits = F.linear(x.float(), self.weight.float())  # (N, E), routing in float32
+        scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores + self.e_score_correction_bias if self.topk_method == "noaux_tc" else scores
+        if self.topk_method in ("noaux_tc", "group_limited_greedy") and self.n_group > 1:
+            N, E = choice.shape
+            groups = choice.view(N, self.n_group, E // self.n_group)
+            if self.topk_method == "noaux_tc":
+                group_score = groups.topk(2, dim=-1).values.sum(dim=-1)  # (N, n_group)
+            else:
+                group_score = groups.amax(dim=-1)
+            keep = group_score.topk(self.topk_group, dim=-1).indices
+            group_mask = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, keep, True)
+            # V3 masks with -inf (biased scores may be negative); V2's scores are positive, 0 suffices.
+            fill = float("-inf") if self.topk_method == "noaux_tc" else 0.0
+            choice = choice.masked_fill(~group_mask.repeat_interleave(E // self.n_group, dim=1), fill)
+        idx = choice.topk(self.top_k, dim=-1, sorted=False).indices
+        weight = scores.gather(1, idx)
+        # transformers' V2 ignores norm_topk_prob; DeepSeek's own V2 code honours it, and so do we.
+        if self.top_k > 1 and self.norm_topk_prob:
+            weight = weight / (weight.sum(dim=-1, keepdim=True) + 1e-20)
+        return idx, weight * self.routed_scaling_factor
+
+
+class MoE(nn.Module):
+    """DeepSeekMoE: shared experts every token passes through, plus routed fine-grained experts."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate = Router(cfg)
+        self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        if cfg.n_shared_experts:
+            self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, cfg.mlp_bias)
+        self.last_counts: Tensor | None = None  # tokens per expert in the last forward, for balancing and stats
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # (N, D)
+        idx, weight = self.gate(x)
+        y, self.last_counts = self.experts(x, idx, weight)
+        if hasattr(self, "shared_experts"):
+            y = y + self.shared_experts(x)
+        return y.view(shape)
+
+
+# ---- blocks and the model ---------------------------------------------------------------------
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MLAttention(cfg, layer_idx) if cfg.is_mla else Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if cfg.is_moe_layer(layer_idx):
+            self.mlp = MoE(cfg)
+        else:
+            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, cache=None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class MTPModule(nn.Module):
+    """One multi-token prediction depth (DeepSeek-V3 §2.2): from the trunk's hidden state at i and
+    the embedding of token i+1, predict token i+2. The embedding and output head are the trunk's.
+
+    h' = Block(eh_proj([enorm(emb(t_{i+1})); hnorm(h_i)])), logits = head(shared_head.norm(h')).
+    The concatenation puts the embedding first, as DeepSeek's released weights expect (and vLLM
+    does); the paper's equation writes the hidden state first.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        D = cfg.hidden_size
+        self.enorm = RMSNorm(D, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(D, cfg.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * D, D, bias=False)
+        self.block = Block(cfg, layer_idx)
+        self.norm = RMSNorm(D, cfg.rms_norm_eps)  # shared_head.norm in HF checkpoints
+
+
+class Transformer(nn.Module):
+    """The model: embed_tokens -> Blocks -> norm -> lm_head, plus optional MTP modules."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        n = cfg.num_hidden_layers
+        self.mtp = nn.ModuleList(MTPModule(cfg, n + i) for i in range(cfg.num_nextn_predict_layers))
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        """(Re)compute the non-persistent rotary tables, e.g. after building on the meta device."""
+        device = self.embed_tokens.weight.device
+        if device.type == "meta":
+            device = torch.device("cpu")
+        inv_freq, self.rope_factor = rope_frequencies(self.config)
+        self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
+
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+        """Random init for training from scratch: normal(0, std) matrices, unit norms, zero biases."""
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name:
+                nn.init.ones_(p)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+            else:
+                nn.init.normal_(p, 0.0, std, generator=generator)
+        for m in self.modules():
+            if isinstance(m, Router) and hasattr(m, "e_score_correction_bias"):
+                m.e_score_correction_bias.zero_()
+
+    def rope(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos, sin (B, 1, T, rope_dim) for integer positions (B, T), computed in float32."""
+        freqs = positions.unsqueeze(-1).float() * self.inv_freq  # (B, T, rope_dim/2)
+        emb = torch.cat([freqs, freqs], dim=-1).unsqueeze(1)
+        return (emb.cos() * self.rope_factor).to(dtype), (emb.sin() * self.rope_factor).to(dtype)
+
+    def forward(
+        self,
+        tokens: Tensor,
+        positions: Tensor | None = None,
+        cache=None,
+        pad_mask: Tensor | None = None,
+        last_only: bool = False,
+        return_hidden: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """tokens (B, T) -> logits (B, T, vocab) in the weights' dtype.
+
+        positions: (B, T) rotary positions; default cache.start + arange(T).
+        cache:     a generate.cache.Cache; its slots [start, start+T) are written, then start moves on.
+        pad_mask:  (B, T) bool, False where a token is padding (left-padded batches).
+        last_only: compute logits for the last position only, (B, 1, vocab).
+        return_hidden: also return the final hidden states before the norm (for MTP).
+        """
+        B, T = tokens.shape
+        start = cache.start if cache is not None else 0
+        if positions is None:
+            positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
+        mask = self._mask(B, T, start, cache, pad_mask, tokens.device)
+        x = self.embed_tokens(tokens)  # (B, T, D)
+        rope = self.rope(positions, x.dtype)
+        for layer in self.layers:
+            x = layer(x, rope, mask, cache)
+        if cache is not None:
+            cache.start += T
+        h = x
+        if last_only:
+            x = x[:, -1:]
+        logits = self.lm_head(self.norm(x))
+        return (logits, h) if return_hidden else logits
+
+    def _mask(self, B: int, T: int, start: int, cache, pad_mask: Tensor | None, device) -> Tensor | None:
+        """Boolean attention mask (B, 1, T, S), or None where plain causal attention is exact."""
+        window = self.config.sliding_window
+        if cache is not None:
+            valid = cache.mark_valid(pad_mask, T)  # (B, S) or None when there is no padding
+        else:
+            valid = pad_mask
+        S = start + T
+        if valid is None and (window is None or S <= window):
+            return None if (start == 0 or T == 1) else self._causal(T, S, start, window, device)
+        m = self._causal(T, S, start, window, device)  # (1, 1, T, S)
+        if valid is not None:
+            m = m & valid[:, None, None, :S]
+            # A padded query row with no visible key would give NaN; let it see itself.
+            m = m | (~m.any(dim=-1, keepdim=True) & self._diag(T, S, start, device))
+        return m
+
+    @staticmethod
+    def _causal(T: int, S: int, start: int, window: int | None, device) -> Tensor:
+        q = torch.arange(start, start + T, device=device).unsqueeze(1)
+        k = torch.arange(S, device=device).unsqueeze(0)
+        m = k <= q
+        if window is not None:
+            m = m & (k > q - window)
+        return m.view(1, 1, T, S)
+
+    @staticmethod
+    def _diag(T: int, S: int, start: int, device) -> Tensor:
+        q = torch.arange(start, start + T, device=device).unsqueeze(1)
+        return (torch.arange(S, device=device).unsqueeze(0) == q).view(1, 1, T, S)
+
+    def mtp_logits(self, hidden: Tensor, next_tokens: Tensor, positions: Tensor | None = None) -> list[Tensor]:
+        """Logits of each MTP depth. hidden (B, T, D): the trunk's last hidden states (before its
+        final norm) for positions i; next_tokens (B, T): tokens i+1. Depth k predicts token i+1+k.
+        Each depth sees its own causal window over the same positions (no cache)."""
+        B, T, _ = hidden.shape
+        if positions is None:
+            positions = torch.arange(T, device=hidden.device).expand(B, T)
+        rope = self.rope(positions, hidden.dtype)
+        out, h = [], hidden
+        for k, m in enumerate(self.mtp):
+            if k > 0:  # depth k uses the token k steps further; the last k positions have none
+                next_tokens = torch.cat([next_tokens[:, 1:], next_tokens[:, -1:]], dim=1)
+            e = m.enorm(self.embed_tokens(next_tokens))
+            h = m.block(m.eh_proj(torch.cat([e, m.hnorm(h)], dim=-1)), rope, None, None)
+            out.append(self.lm_head(m.norm(h)))
+        return out
