@@ -141,7 +141,8 @@ def cmd_init(args) -> None:
     model.init_weights(std=args.init_std, generator=torch.Generator().manual_seed(args.seed))
     model.to(DTYPES[args.dtype])
     save_model(model, args.out, tokenizer=tok)
-    print(f"wrote {args.out} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, preset {args.preset})")
+    n = sum(p.numel() for p in model.parameters())
+    print(f"wrote {args.out} ({n / 1e6:.1f}M parameters, preset {args.preset})")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:

@@ -26,8 +26,8 @@ class ConfigError(ValueError):
 # model_type -> family defaults that differ from the dataclass defaults.
 _FAMILIES: dict[str, dict[str, Any]] = {
     "llama": {},
-    "mistral": {"rope_theta": 1e6},
-    "qwen2": {"attention_bias": True, "rope_theta": 1e6},
+    "mistral": {"rope_theta": 1e6, "attention_bias": False},
+    "qwen2": {"attention_bias": True, "o_proj_bias": False, "rope_theta": 1e6},
     "qwen3": {"qk_norm": True, "rope_theta": 1e6},
     "deepseek_v2": {"scoring_func": "softmax", "topk_method": "greedy", "rope_interleave": True},
     "deepseek_v3": {"scoring_func": "sigmoid", "topk_method": "noaux_tc", "rope_interleave": True},
@@ -51,7 +51,8 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
-    attention_bias: bool = False  # bias on q/k/v (Qwen2); o_proj keeps none
+    attention_bias: bool = False  # bias on q/k/v (Qwen2) and, unless o_proj_bias says otherwise, on o_proj
+    o_proj_bias: bool | None = None  # None: as attention_bias (Llama, Qwen3); Qwen2 has none there
     mlp_bias: bool = False
     qk_norm: bool = False  # RMSNorm on each head of q and k before rotary (Qwen3)
     sliding_window: int | None = None  # Mistral: attend to the last `sliding_window` keys only
@@ -97,6 +98,8 @@ class ModelConfig:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.o_proj_bias is None:
+            self.o_proj_bias = self.attention_bias
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
@@ -191,7 +194,7 @@ class ModelConfig:
     def to_hf(self) -> dict[str, Any]:
         """A config.json dict in the hub spelling, which transformers 4 and 5, vLLM and llama.cpp read."""
         out: dict[str, Any] = dict(self.extra)
-        skip = {"extra", "rope_scaling", "torch_dtype", "qk_norm", "rope_interleave"}
+        skip = {"extra", "rope_scaling", "torch_dtype", "qk_norm", "rope_interleave", "o_proj_bias"}
         if not self.is_mla:
             skip |= {"q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"}
         if self.n_routed_experts is None:
@@ -238,9 +241,9 @@ class ModelConfig:
 
     def num_params(self) -> int:
         """Parameter count, computed from the shapes (no model needed)."""
-        from ouvert.model import Transformer  # local: config must not import torch modules eagerly
-
         import torch
+
+        from ouvert.model import Transformer  # local: config must not import torch modules eagerly
 
         with torch.device("meta"):
             m = Transformer(self)

@@ -135,7 +135,7 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(D, self.n_head * hd, bias=cfg.attention_bias)
         self.k_proj = nn.Linear(D, self.n_kv_head * hd, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(D, self.n_kv_head * hd, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(self.n_head * hd, D, bias=False)
+        self.o_proj = nn.Linear(self.n_head * hd, D, bias=cfg.o_proj_bias)
         if cfg.qk_norm:  # Qwen3: RMSNorm over each head's channels, before rotary
             self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)

@@ -10,6 +10,7 @@ if asked for another dtype, and DeepSeek's FP8 blocks are dequantized tensor by 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -64,7 +65,7 @@ _RULES = [(ours, hf, _regex(ours), _regex(hf)) for ours, hf in NAMES]
 def hf_names(name: str, cfg: ModelConfig) -> list[str]:
     """Our parameter name -> its HF key(s); a stacked expert tensor gives one key per expert."""
     n = cfg.num_hidden_layers
-    for ours, hf, ours_re, _ in _RULES:
+    for _, hf, ours_re, _ in _RULES:
         m = ours_re.match(name)
         if m:
             g = m.groupdict()
@@ -160,12 +161,24 @@ class WeightFiles:
             raise CheckpointError(f"{self.path / fname}: cannot read tensor {key!r} ({e})") from None
 
 
-def dequantize_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+def dequantize_fp8(
+    w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], dtype: torch.dtype
+) -> torch.Tensor:
     """DeepSeek-V3's FP8 weights: w (out, in) float8_e4m3fn, scale_inv (ceil(out/b0), ceil(in/b1)).
     The real weight is w * scale_inv[i // b0, j // b1]."""
     b0, b1 = block
     s = scale_inv.float().repeat_interleave(b0, dim=0)[: w.shape[0]].repeat_interleave(b1, dim=1)[:, : w.shape[1]]
     return (w.float() * s).to(dtype)
+
+
+def _mtp_depths_present(cfg: ModelConfig, files: WeightFiles) -> int:
+    """How many of the config's MTP layers (HF layers num_hidden_layers + k) have any weight in the
+    files, counting from the first; a layer that is there but incomplete fails later, by name."""
+    prefixes = {k.split(".", 3)[2] for k in files.where if k.startswith("model.layers.")}
+    k = 0
+    while k < cfg.num_nextn_predict_layers and str(cfg.num_hidden_layers + k) in prefixes:
+        k += 1
+    return k
 
 
 def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Transformer:
@@ -182,6 +195,17 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
     if fp8:
         block = tuple(qc.get("weight_block_size", (128, 128)))
         dtype = dtype or torch.bfloat16
+
+    # DeepSeek-V3 configs say num_nextn_predict_layers=1 whether or not the file holds the MTP
+    # layer (transformers writes it for every V3 and drops the weights). A checkpoint without MTP
+    # weights is complete for inference: load the trunk alone, and make the config say so.
+    present = _mtp_depths_present(cfg, files)
+    if present < cfg.num_nextn_predict_layers:
+        logging.getLogger(__name__).debug(
+            "%s: config.json has num_nextn_predict_layers=%d but the weights hold %d MTP layer(s); "
+            "loading without the rest", path, cfg.num_nextn_predict_layers, present,
+        )
+        cfg.num_nextn_predict_layers = present
 
     with torch.device("meta"):
         model = Transformer(cfg)
@@ -220,16 +244,18 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
             parts.append(t)
         t = torch.stack(parts) if len(keys) > 1 else parts[0]
         # The router stays in its stored precision (float32 in HF checkpoints): routing is a discrete choice.
-        if dtype is not None and t.is_floating_point() and not name.endswith(("mlp.gate.weight", "e_score_correction_bias")):
+        keep = name.endswith(("mlp.gate.weight", "e_score_correction_bias"))
+        if dtype is not None and t.is_floating_point() and not keep:
             t = t.to(dtype)
         state[name] = t.to(device)
 
-    unused = [k for k in files.where if k not in used and our_name(k, cfg) is not None]
+    unused = [k for k in files.where if k not in used and not _SHARED_COPIES.match(k)]
     unused = [k for k in unused if not k.endswith("rotary_emb.inv_freq") and not k.endswith("_scale_inv")]
     if cfg.tie_word_embeddings:
         unused = [k for k in unused if k != "lm_head.weight"]
     if unused:
-        warnings.warn(f"{path}: {len(unused)} weight(s) not used by {cfg.model_type}: {', '.join(unused[:5])}")
+        names = ", ".join(unused[:5])
+        warnings.warn(f"{path}: {len(unused)} weight(s) not used by {cfg.model_type}: {names}", stacklevel=2)
 
     model.load_state_dict(state, strict=False, assign=True)
     if cfg.tie_word_embeddings:
