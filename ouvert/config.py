@@ -30,7 +30,12 @@ _FAMILIES: dict[str, dict[str, Any]] = {
     "qwen2": {"attention_bias": True, "o_proj_bias": False, "rope_theta": 1e6},
     "qwen3": {"qk_norm": True, "rope_theta": 1e6},
     "deepseek_v2": {"scoring_func": "softmax", "topk_method": "greedy", "rope_interleave": True},
-    "deepseek_v3": {"scoring_func": "sigmoid", "topk_method": "noaux_tc", "rope_interleave": True},
+    # V3's config.json has no scoring_func/topk_method: sigmoid + noaux_tc is the only V3 router. The
+    # routing keys that would otherwise change the result silently default as DeepseekV3Config's do.
+    "deepseek_v3": {
+        "scoring_func": "sigmoid", "topk_method": "noaux_tc", "rope_interleave": True,
+        "norm_topk_prob": True, "routed_scaling_factor": 2.5, "n_group": 8, "topk_group": 4,
+    },
 }
 
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")

@@ -124,6 +124,22 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, s
     )
 
 
+def attention_mask(q_slot: Tensor, S: int, valid: Tensor | None = None, window: int | None = None) -> Tensor:
+    """Boolean mask (B or 1, 1, T, S): the query in cache slot q_slot[t] sees key slot j when j <= q_slot[t],
+    j is within the sliding window, and valid[b, j] (False for padding). q_slot: (T,) or (B, T)."""
+    k = torch.arange(S, device=q_slot.device)
+    q = q_slot.unsqueeze(-1)  # (..., T, 1)
+    m = k <= q
+    if window is not None:
+        m = m & (k > q - window)
+    m = m.view(-1, 1, q_slot.shape[-1], S)
+    if valid is not None:
+        m = m & valid[:, None, None, :S]
+        # A padding query sees nothing, and softmax over nothing is NaN: let it see its own slot.
+        m = m | (~m.any(dim=-1, keepdim=True) & (k == q).view(-1, 1, q_slot.shape[-1], S))
+    return m
+
+
 class Attention(nn.Module):
     """Grouped-query attention; caches K and V per layer: 2 * n_kv_heads * head_dim numbers per token."""
 
@@ -146,7 +162,7 @@ class Attention(nn.Module):
         shape = (batch, self.n_kv_head, max_len, self.head_dim)
         return torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, cache=None) -> Tensor:
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, causal: bool, cache=None) -> Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -157,12 +173,8 @@ class Attention(nn.Module):
         q = apply_rope(q.transpose(1, 2), cos, sin)  # (B, H, T, hd)
         k = apply_rope(k.transpose(1, 2), cos, sin)  # (B, Hkv, T, hd)
         if cache is not None:
-            k_cache, v_cache = cache.layers[self.layer_idx]
-            s0, s1 = cache.start, cache.start + T
-            k_cache[:, :, s0:s1] = k
-            v_cache[:, :, s0:s1] = v
-            k, v = k_cache[:, :, :s1], v_cache[:, :, :s1]  # (B, Hkv, S, hd)
-        y = attend(q, k, v, mask, cache is None or cache.start == 0, self.scale)  # (B, H, T, hd)
+            k, v = cache.update(self.layer_idx, (k, v), seq_dim=2)  # (B, Hkv, S, hd)
+        y = attend(q, k, v, mask, causal, self.scale)  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -198,15 +210,17 @@ class MLAttention(nn.Module):
         self.scale = qk**-0.5
         rs = cfg.rope_scaling or {}
         if rs.get("rope_type") == "yarn" and rs.get("mscale_all_dim"):
-            # YaRN's attention temperature, applied to the softmax scale (DeepSeek-V2 config).
-            self.scale *= yarn_mscale(rs["factor"], rs["mscale_all_dim"]) ** 2
+            # YaRN's attention temperature, applied to the softmax scale (DeepSeek-V2 config), with
+            # the same factor as rope_frequencies (implied by the lengths when the config omits it).
+            factor = rs.get("factor") or cfg.max_position_embeddings / rs["original_max_position_embeddings"]
+            self.scale *= yarn_mscale(factor, rs["mscale_all_dim"]) ** 2
         self.absorb = True  # use the absorbed path when decoding from a cache
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device) -> tuple[Tensor, ...]:
         # One buffer per layer: [c_kv | k_rope] along the last axis.
         return (torch.zeros(batch, max_len, self.kv_lora_rank + self.rope, dtype=dtype, device=device),)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, cache=None) -> Tensor:
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, causal: bool, cache=None) -> Tensor:
         B, T, _ = x.shape
         H = self.n_head
         q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
@@ -219,15 +233,11 @@ class MLAttention(nn.Module):
         cos, sin = rope
         q_pe = apply_rope(q_pe, cos, sin)  # (B, H, T, rope)
         k_pe = apply_rope(k_pe.unsqueeze(1), cos, sin).squeeze(1)  # (B, T, rope), shared by all heads
-        causal = cache is None or cache.start == 0
         if cache is not None:
-            (buf,) = cache.layers[self.layer_idx]
-            s0, s1 = cache.start, cache.start + T
-            buf[:, s0:s1, : self.kv_lora_rank] = c_kv
-            buf[:, s0:s1, self.kv_lora_rank :] = k_pe
-            if self.absorb and not causal:
-                return self._absorbed(q_nope, q_pe, buf[:, :s1], mask)
-            c_kv, k_pe = buf[:, :s1].split([self.kv_lora_rank, self.rope], dim=-1)
+            (latent,) = cache.update(self.layer_idx, (torch.cat([c_kv, k_pe], dim=-1),), seq_dim=1)  # (B, S, r+rope)
+            if self.absorb and not causal:  # there is history: attend over the latent as it is
+                return self._absorbed(q_nope, q_pe, latent, mask)
+            c_kv, k_pe = latent.split([self.kv_lora_rank, self.rope], dim=-1)
         # naive: per-head keys and values from the latent
         S = c_kv.shape[1]
         kv = self.kv_b_proj(c_kv).view(B, S, H, self.nope + self.v_dim).transpose(1, 2)
@@ -308,8 +318,11 @@ class Router(nn.Module):
     V2: softmax scores; `greedy` takes the top-k, `group_limited_greedy` first keeps the topk_group
     groups with the best single score. V3 (`noaux_tc`): sigmoid scores; e_score_correction_bias is
     added for the choice only (auxiliary-loss-free balancing, V3 §2.1.2) and groups rank by the sum
-    of their two best biased scores. The gate weights are the unbiased scores of the chosen experts,
-    normalised when norm_topk_prob, times routed_scaling_factor.
+    of their two best biased scores. The gate weights are the unbiased scores of the chosen experts:
+    V3 normalises them when norm_topk_prob, then multiplies by routed_scaling_factor; V2 does one
+    or the other (normalise when norm_topk_prob, else scale), as DeepSeek's V2 code does.
+    transformers' V2 ignores norm_topk_prob (always scales); every released V2 config has it false,
+    where all three agree.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -341,9 +354,10 @@ class Router(nn.Module):
             choice = choice.masked_fill(~group_mask.repeat_interleave(E // self.n_group, dim=1), fill)
         idx = choice.topk(self.top_k, dim=-1, sorted=False).indices
         weight = scores.gather(1, idx)
-        # transformers' V2 ignores norm_topk_prob; DeepSeek's own V2 code honours it, and so do we.
         if self.top_k > 1 and self.norm_topk_prob:
             weight = weight / (weight.sum(dim=-1, keepdim=True) + 1e-20)
+            if self.topk_method != "noaux_tc":
+                return idx, weight  # DeepSeek-V2: normalised weights are not scaled again
         return idx, weight * self.routed_scaling_factor
 
 
@@ -382,8 +396,8 @@ class Block(nn.Module):
         else:
             self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, cache=None) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, causal: bool, cache=None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, causal, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -392,8 +406,10 @@ class MTPModule(nn.Module):
     the embedding of token i+1, predict token i+2. The embedding and output head are the trunk's.
 
     h' = Block(eh_proj([enorm(emb(t_{i+1})); hnorm(h_i)])), logits = head(shared_head.norm(h')).
-    The concatenation puts the embedding first, as DeepSeek's released weights expect (and vLLM
-    does); the paper's equation writes the hidden state first.
+    Two readings of the released weights depart from the paper's equation (21), as vLLM and SGLang
+    run them: the concatenation puts the embedding first (the paper writes h first), and h_i at the
+    first depth is the trunk's output after its final norm, the vector its head reads (a later
+    depth reads the previous depth's block output, before shared_head.norm).
     """
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
@@ -467,66 +483,42 @@ class Transformer(nn.Module):
         return_hidden: also return the final hidden states before the norm (for MTP).
         """
         B, T = tokens.shape
-        start = cache.start if cache is not None else 0
         if positions is None:
+            start = cache.start if cache is not None else 0
             positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
-        mask = self._mask(B, T, start, cache, pad_mask, tokens.device)
+        window = self.config.sliding_window
+        if cache is not None:
+            mask, causal = cache.attention_mask(T, pad_mask, window)
+        elif pad_mask is None and (window is None or T <= window):
+            mask, causal = None, True
+        else:
+            mask, causal = attention_mask(torch.arange(T, device=tokens.device), T, pad_mask, window), False
         x = self.embed_tokens(tokens)  # (B, T, D)
         rope = self.rope(positions, x.dtype)
         for layer in self.layers:
-            x = layer(x, rope, mask, cache)
+            x = layer(x, rope, mask, causal, cache)
         if cache is not None:
-            cache.start += T
+            cache.advance(T)
         h = x
         if last_only:
             x = x[:, -1:]
         logits = self.lm_head(self.norm(x))
         return (logits, h) if return_hidden else logits
 
-    def _mask(self, B: int, T: int, start: int, cache, pad_mask: Tensor | None, device) -> Tensor | None:
-        """Boolean attention mask (B, 1, T, S), or None where plain causal attention is exact."""
-        window = self.config.sliding_window
-        if cache is not None:
-            valid = cache.mark_valid(pad_mask, T)  # (B, S) or None when there is no padding
-        else:
-            valid = pad_mask
-        S = start + T
-        if valid is None and (window is None or S <= window):
-            return None if (start == 0 or T == 1) else self._causal(T, S, start, window, device)
-        m = self._causal(T, S, start, window, device)  # (1, 1, T, S)
-        if valid is not None:
-            m = m & valid[:, None, None, :S]
-            # A padded query row with no visible key would give NaN; let it see itself.
-            m = m | (~m.any(dim=-1, keepdim=True) & self._diag(T, S, start, device))
-        return m
-
-    @staticmethod
-    def _causal(T: int, S: int, start: int, window: int | None, device) -> Tensor:
-        q = torch.arange(start, start + T, device=device).unsqueeze(1)
-        k = torch.arange(S, device=device).unsqueeze(0)
-        m = k <= q
-        if window is not None:
-            m = m & (k > q - window)
-        return m.view(1, 1, T, S)
-
-    @staticmethod
-    def _diag(T: int, S: int, start: int, device) -> Tensor:
-        q = torch.arange(start, start + T, device=device).unsqueeze(1)
-        return (torch.arange(S, device=device).unsqueeze(0) == q).view(1, 1, T, S)
-
     def mtp_logits(self, hidden: Tensor, next_tokens: Tensor, positions: Tensor | None = None) -> list[Tensor]:
         """Logits of each MTP depth. hidden (B, T, D): the trunk's last hidden states (before its
         final norm) for positions i; next_tokens (B, T): tokens i+1. Depth k predicts token i+1+k.
-        Each depth sees its own causal window over the same positions (no cache)."""
+        Each depth sees its own causal window over the same positions (no cache). The first
+        depth reads norm(hidden), the trunk's final norm (see MTPModule)."""
         B, T, _ = hidden.shape
         if positions is None:
             positions = torch.arange(T, device=hidden.device).expand(B, T)
         rope = self.rope(positions, hidden.dtype)
-        out, h = [], hidden
+        out, h = [], self.norm(hidden)
         for k, m in enumerate(self.mtp):
             if k > 0:  # depth k uses the token k steps further; the last k positions have none
                 next_tokens = torch.cat([next_tokens[:, 1:], next_tokens[:, -1:]], dim=1)
             e = m.enorm(self.embed_tokens(next_tokens))
-            h = m.block(m.eh_proj(torch.cat([e, m.hnorm(h)], dim=-1)), rope, None, None)
+            h = m.block(m.eh_proj(torch.cat([e, m.hnorm(h)], dim=-1)), rope, None, True)
             out.append(self.lm_head(m.norm(h)))
         return out

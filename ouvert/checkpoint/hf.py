@@ -165,10 +165,16 @@ def dequantize_fp8(
     w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], dtype: torch.dtype
 ) -> torch.Tensor:
     """DeepSeek-V3's FP8 weights: w (out, in) float8_e4m3fn, scale_inv (ceil(out/b0), ceil(in/b1)).
-    The real weight is w * scale_inv[i // b0, j // b1]."""
+    The real weight is w[i, j] * scale_inv[i // b0, j // b1], computed in float32 (as DeepSeek's
+    weight_dequant kernel does) and then cast to dtype; the last row and column blocks may be partial.
+    Works one row of blocks at a time, so the float32 copy never exceeds b0 rows."""
     b0, b1 = block
-    s = scale_inv.float().repeat_interleave(b0, dim=0)[: w.shape[0]].repeat_interleave(b1, dim=1)[:, : w.shape[1]]
-    return (w.float() * s).to(dtype)
+    out_dim, in_dim = w.shape
+    s = scale_inv.float().repeat_interleave(b1, dim=1)[:, :in_dim]  # (ceil(out/b0), in)
+    y = torch.empty(out_dim, in_dim, dtype=dtype, device=w.device)
+    for i, r0 in enumerate(range(0, out_dim, b0)):
+        y[r0 : r0 + b0] = (w[r0 : r0 + b0].float() * s[i]).to(dtype)
+    return y
 
 
 def _mtp_depths_present(cfg: ModelConfig, files: WeightFiles) -> int:
@@ -179,6 +185,50 @@ def _mtp_depths_present(cfg: ModelConfig, files: WeightFiles) -> int:
     while k < cfg.num_nextn_predict_layers and str(cfg.num_hidden_layers + k) in prefixes:
         k += 1
     return k
+
+
+def _dequantize(
+    key: str, t: torch.Tensor, files: WeightFiles, block: tuple[int, int] | None, dtype: torch.dtype, path: Path
+) -> torch.Tensor:
+    """An FP8 weight of the checkpoint, dequantized with its `{key}_scale_inv` blocks."""
+    where = path / files.where[key]
+    if block is None:
+        raise CheckpointError(
+            f"{where}: weight {key!r} is {t.dtype} but config.json has no quantization_config "
+            "with quant_method 'fp8'"
+        )
+    if t.dtype != torch.float8_e4m3fn or t.dim() != 2:
+        raise CheckpointError(f"{where}: weight {key!r}: ouvert dequantizes 2-D float8_e4m3fn, not {t.dtype}")
+    sk = key + "_scale_inv"
+    if sk not in files.where:
+        raise CheckpointError(f"{where}: FP8 weight {key!r} has no {sk!r}")
+    s = files.get(sk)
+    want = tuple(-(-n // b) for n, b in zip(t.shape, block))
+    if tuple(s.shape) != want:
+        raise CheckpointError(
+            f"{path / files.where[sk]}: {sk!r} has shape {tuple(s.shape)}, expected {want} for a "
+            f"{tuple(t.shape)} weight in {block[0]}x{block[1]} blocks"
+        )
+    return dequantize_fp8(t, s, block, dtype or torch.bfloat16)
+
+
+def _check_mtp_copies(cfg: ModelConfig, files: WeightFiles, path: Path) -> None:
+    """DeepSeek-V3 stores copies of the embedding and output head in each MTP layer; ouvert shares
+    the trunk's (V3 §2.2). Say so if a copy differs, rather than drop it silently."""
+    trunk = {"embed_tokens.weight": "model.embed_tokens.weight", "shared_head.head.weight": "lm_head.weight"}
+    if cfg.tie_word_embeddings:
+        trunk["shared_head.head.weight"] = "model.embed_tokens.weight"
+    for m in range(cfg.num_nextn_predict_layers):
+        for own, theirs in trunk.items():
+            key = f"model.layers.{cfg.num_hidden_layers + m}.{own}"
+            if key in files.where and theirs in files.where:
+                a, b = files.get(key), files.get(theirs)
+                if a.dtype == b.dtype and not torch.equal(a, b):
+                    warnings.warn(
+                        f"{path / files.where[key]}: MTP weight {key!r} differs from {theirs!r}; ouvert's "
+                        f"MTP module uses the trunk's {theirs!r}, as DeepSeek-V3 shares them",
+                        stacklevel=3,
+                    )
 
 
 def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Transformer:
@@ -193,7 +243,13 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
     qc = cfg.extra.get("quantization_config") or {}
     fp8 = qc.get("quant_method") == "fp8"
     if fp8:
-        block = tuple(qc.get("weight_block_size", (128, 128)))
+        block = tuple(qc.get("weight_block_size") or (128, 128))
+        if len(block) != 2 or qc.get("fmt", "e4m3") != "e4m3":
+            raise CheckpointError(
+                f"{path / 'config.json'}: quantization_config: ouvert reads DeepSeek's FP8 format, "
+                f"fmt 'e4m3' with 2-D weight_block_size; got fmt {qc.get('fmt')!r}, "
+                f"weight_block_size {qc.get('weight_block_size')!r}"
+            )
         dtype = dtype or torch.bfloat16
 
     # DeepSeek-V3 configs say num_nextn_predict_layers=1 whether or not the file holds the MTP
@@ -206,6 +262,7 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
             "loading without the rest", path, cfg.num_nextn_predict_layers, present,
         )
         cfg.num_nextn_predict_layers = present
+    _check_mtp_copies(cfg, files, path)
 
     with torch.device("meta"):
         model = Transformer(cfg)
@@ -229,12 +286,9 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
         for k in keys:
             t = files.get(k)
             used.add(k)
-            if fp8 and t.dtype == torch.float8_e4m3fn:
-                sk = k + "_scale_inv"
-                if sk not in files.where:
-                    raise CheckpointError(f"{path / files.where[k]}: FP8 weight {k!r} has no {sk!r}")
-                t = dequantize_fp8(t, files.get(sk), block, dtype)
-                used.add(sk)
+            if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+                t = _dequantize(k, t, files, block if fp8 else None, dtype, path)
+                used.add(k + "_scale_inv")
             expect = meta.shape[1:] if len(keys) > 1 else meta.shape
             if t.shape != expect:
                 raise CheckpointError(

@@ -5,6 +5,10 @@ Each attention layer says what it keeps per token (`new_cache`): GQA keeps K and
 qk_rope_head_dim). All rows of a batch write at the same slot index `start`; rows that are
 shorter are left-padded, and `valid` marks which slots hold real tokens so attention skips the
 padding. Nothing is allocated per decode step.
+
+The model talks to a cache through three calls, so another cache (the server's, with a slot per
+request) can stand in: `attention_mask(T, pad_mask, window)` once per forward, `update(layer,
+tensors, seq_dim)` in each attention layer, and `advance(T)` at the end.
 """
 
 from __future__ import annotations
@@ -25,16 +29,39 @@ class Cache:
         self.valid: Tensor | None = None  # (B, max_len) bool, allocated at the first padding seen
         self.device = device
 
-    def mark_valid(self, pad_mask: Tensor | None, T: int) -> Tensor | None:
-        """Record which of the next T slots hold real tokens; return the valid map, or None if
-        every slot so far is real (then plain causal attention is exact)."""
+    def update(self, layer: int, new: tuple[Tensor, ...], seq_dim: int) -> tuple[Tensor, ...]:
+        """Write this step's entries (T along seq_dim) at slots [start, start+T); return views of
+        slots [0, start+T) to attend over. Called by each attention layer."""
+        T = new[0].shape[seq_dim]
+        out = []
+        for buf, x in zip(self.layers[layer], new):
+            buf.narrow(seq_dim, self.start, T).copy_(x)
+            out.append(buf.narrow(seq_dim, 0, self.start + T))
+        return tuple(out)
+
+    def attention_mask(self, T: int, pad_mask: Tensor | None, window: int | None) -> tuple[Tensor | None, bool]:
+        """The mask for T new tokens, and whether plain causal attention over them alone is exact
+        (the first chunk, no padding). Records which new slots hold real tokens."""
+        from ouvert.model import attention_mask
+
         if self.start + T > self.max_len:
             raise ValueError(f"cache is full: {self.start} + {T} tokens > max_len {self.max_len}")
         if pad_mask is not None and self.valid is None and not bool(pad_mask.all()):
             self.valid = torch.ones(self.batch_size, self.max_len, dtype=torch.bool, device=self.device)
         if self.valid is not None:
             self.valid[:, self.start : self.start + T] = True if pad_mask is None else pad_mask
-        return self.valid
+        S = self.start + T
+        if self.valid is None and (window is None or S <= window):
+            if self.start == 0:
+                return None, True
+            if T == 1:
+                return None, False  # one query sees every slot so far
+        q_slot = torch.arange(self.start, S, device=self.device)
+        return attention_mask(q_slot, S, self.valid, window), False
+
+    def advance(self, T: int) -> None:
+        """Called by the model once every layer has written its T new entries."""
+        self.start += T
 
     def nbytes_per_token(self) -> int:
         """Cache bytes one token takes, over all layers (per batch row)."""
