@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from ouvert.serve.cli import add_serve_parser
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -145,6 +147,34 @@ def cmd_init(args) -> None:
     print(f"wrote {args.out} ({n / 1e6:.1f}M parameters, preset {args.preset})")
 
 
+def cmd_train(args) -> None:
+    from ouvert.train.__main__ import main as train_main
+
+    code = train_main([args.config, *args.rest] + (["--resume"] if args.resume else []))
+    if code:
+        raise SystemExit(code)
+
+
+def cmd_tokenizer_train(args) -> None:
+    from ouvert.data import expand_inputs
+    from ouvert.tokenizer import train_tokenizer
+
+    files = expand_inputs(args.input)
+    tok = train_tokenizer(files, args.vocab_size, args.out)
+    print(f"wrote {args.out}: {tok.vocab_size} tokens, trained on {len(files)} file(s)")
+
+
+def cmd_data_prepare(args) -> None:
+    from ouvert.data import prepare
+
+    m = prepare(args.tokenizer, args.input, args.out, val_fraction=args.val_fraction, text_field=args.text_field,
+                workers=args.workers)
+    for p in m["problems"]:
+        print(f"warning: {p}", file=sys.stderr)
+    print(f"wrote {args.out}: {m['train_tokens']:,} train and {m['val_tokens']:,} validation tokens "
+          f"from {len(m['sources'])} file(s), {len(m['train'])} train shard(s)")
+
+
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory (Hugging Face layout)")
     p.add_argument("--tokenizer", help="tokenizer directory (default: the model's)")
@@ -180,6 +210,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-std", type=float, default=0.02)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.set_defaults(func=cmd_init)
+    p = sub.add_parser("train", help="train or fine-tune: ouvert train CONFIG.toml [--key value ...] [--resume]")
+    p.add_argument("config")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="--key value overrides of the config")
+    p.set_defaults(func=cmd_train)
+    tk = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="tokenizer_command", required=True)
+    p = tk.add_parser("train", help="train a byte-level BPE tokenizer (Llama 3 style)")
+    p.add_argument("--input", nargs="+", required=True, help="text files or globs")
+    p.add_argument("--vocab-size", type=int, required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_tokenizer_train)
+    dp = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
+    p = dp.add_parser("prepare", help="tokenize a corpus into shards with a manifest (resumable)")
+    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--input", nargs="+", required=True, help="files or globs: .txt, .jsonl, .parquet")
+    p.add_argument("--out", required=True)
+    p.add_argument("--val-fraction", type=float, default=0.0)
+    p.add_argument("--text-field", default="text", help="JSONL field / parquet column holding the text")
+    p.add_argument("--workers", type=int, default=None)
+    p.set_defaults(func=cmd_data_prepare)
+    add_serve_parser(sub)
     return ap
 
 
@@ -191,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args.func(args)
-    except (CheckpointError, ConfigError, TokenizerError, ValueError, FileNotFoundError) as e:
+    except (CheckpointError, ConfigError, TokenizerError, ValueError, FileNotFoundError) as e:  # DataError too
         print(f"ouvert {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

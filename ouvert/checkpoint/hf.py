@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -324,11 +325,13 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
 # ---- writing ------------------------------------------------------------------------------------
 
 
-def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
-    """Our state dict under HF names: experts unstacked, tied head left out (HF layout)."""
+def hf_state_dict(model: Transformer, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Our state dict (the model's, or `state` in our names) under HF names: experts unstacked,
+    tied head left out (HF layout)."""
     cfg = model.config
     out: dict[str, torch.Tensor] = {}
-    for name, t in model.state_dict().items():
+    state = model.state_dict() if state is None else state
+    for name, t in state.items():
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
         keys = hf_names(name, cfg)
@@ -340,7 +343,28 @@ def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     for m in range(cfg.num_nextn_predict_layers):  # DeepSeek's MTP layer carries its own copies
         layer = cfg.num_hidden_layers + m
         out[f"model.layers.{layer}.embed_tokens.weight"] = out["model.embed_tokens.weight"]
-        out[f"model.layers.{layer}.shared_head.head.weight"] = model.lm_head.weight
+        head = out.get("lm_head.weight", out["model.embed_tokens.weight"])
+        out[f"model.layers.{layer}.shared_head.head.weight"] = head
+    return out
+
+
+def hf_state_dict_to_ours(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Inverse of hf_state_dict: HF names -> ours, experts stacked."""
+    out: dict[str, torch.Tensor] = {}
+    experts: dict[str, dict[int, torch.Tensor]] = {}
+    for k, t in hf.items():
+        named = our_name(k, cfg)
+        if named is None:
+            continue
+        name, e = named
+        if e is None:
+            out[name] = t
+        else:
+            experts.setdefault(name, {})[e] = t
+    for name, parts in experts.items():
+        out[name] = torch.stack([parts[e] for e in range(len(parts))])
+    if cfg.tie_word_embeddings:
+        out["lm_head.weight"] = out["embed_tokens.weight"]
     return out
 
 
@@ -349,13 +373,16 @@ def save_model(
     path: str | Path,
     tokenizer=None,
     max_shard_bytes: int = 5 * 2**30,
-    extra_files: dict[str, str] | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    extra: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write a HF checkpoint directory: config.json, generation_config.json, safetensors
     (sharded above max_shard_bytes, with model.safetensors.index.json), the tokenizer's files.
 
     Written into a temporary directory beside `path`, then renamed over it: a failure (a full
-    disk) leaves whatever was at `path` untouched.
+    disk) leaves whatever was at `path` untouched. `state_dict` (our names) replaces the model's
+    own, e.g. full tensors gathered from FSDP shards; `extra(tmp_dir)` writes more files (a
+    training state) into the directory before the rename.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -363,7 +390,9 @@ def save_model(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        _write(model, tmp, tokenizer, max_shard_bytes, extra_files or {})
+        _write(model, tmp, tokenizer, max_shard_bytes, state_dict)
+        if extra is not None:
+            extra(tmp)
         if path.exists():
             old = path.parent / f".{path.name}.old-{os.getpid()}"
             path.rename(old)
@@ -377,9 +406,9 @@ def save_model(
     return path
 
 
-def _write(model: Transformer, out: Path, tokenizer, max_shard_bytes: int, extra_files: dict[str, str]) -> None:
+def _write(model: Transformer, out: Path, tokenizer, max_shard_bytes: int, state_dict) -> None:
     cfg = model.config
-    tensors = hf_state_dict(model)
+    tensors = hf_state_dict(model, state_dict)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for k, t in tensors.items():
@@ -411,7 +440,7 @@ def _write(model: Transformer, out: Path, tokenizer, max_shard_bytes: int, extra
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         _write_json(out / "model.safetensors.index.json", index)
     hf = cfg.to_hf()
-    hf["torch_dtype"] = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
+    hf["torch_dtype"] = str(tensors["model.embed_tokens.weight"].dtype).removeprefix("torch.")
     _write_json(out / "config.json", hf)
     gen = {k: v for k, v in (("bos_token_id", cfg.bos_token_id), ("eos_token_id", cfg.eos_token_id)) if v is not None}
     if tokenizer is not None:
@@ -419,8 +448,6 @@ def _write(model: Transformer, out: Path, tokenizer, max_shard_bytes: int, extra
         gen.update(tokenizer.generation_config)
     if gen:
         _write_json(out / "generation_config.json", gen)
-    for name, text in extra_files.items():
-        (out / name).write_text(text)
 
 
 def _write_json(path: Path, obj) -> None:

@@ -1,0 +1,450 @@
+"""The one training loop: every objective runs through `train(TrainConfig)`.
+
+AdamW with decay / no-decay groups, warmup then cosine or warmup-stable-decay, gradient
+accumulation and clipping, optional bf16 autocast, activation checkpointing and torch.compile;
+eval loss every `eval_every` steps, sample generations every `sample_every`, a checkpoint
+directory (HF layout plus train_state/) every `save_every`, the last `keep_last` kept. Resume is
+exact: weights, optimizer, schedule, RNG and data position all come back, so N steps, a stop and
+N more give bitwise the weights of 2N steps straight (float32, CPU).
+
+The same code runs in one process and under torchrun (DDP or FSDP2, train/distributed.py); only
+rank 0 prints and writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import random
+import shutil
+import sys
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from ouvert.checkpoint.hf import load_model, read_config, save_model
+from ouvert.config import preset
+from ouvert.data import TokenLoader, read_manifest
+from ouvert.model import Transformer
+from ouvert.tokenizer import load_tokenizer
+from ouvert.train import distributed as D
+from ouvert.train.objectives import moe_layers, pretrain_loss, update_router_bias
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs, read from TOML (top-level keys, plus a [model] table of ModelConfig
+    overrides) and `--key value` flags. Saved as train_config.json beside each checkpoint."""
+
+    data: str = ""  # a directory made by `ouvert data prepare`
+    out_dir: str = "runs/run"
+    preset: str = "tiny-llama"  # model shape, unless init_from is set
+    model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides on the preset
+    init_from: str = ""  # start from this checkpoint directory instead of random weights
+    objective: str = "pretrain"
+    seed: int = 0
+    # batch: each step sees batch_size * grad_accum * world_size sequences of seq_len tokens
+    seq_len: int = 256
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_steps: int = 1000
+    stop_at: int = 0  # end this invocation (with a checkpoint) at this step; resume later. 0: max_steps
+    # optimizer and schedule
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay) | constant
+    decay_fraction: float = 0.2  # wsd: the last fraction of steps decays linearly to min_lr
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    init_std: float = 0.02
+    # precision and speed
+    dtype: str = "float32"  # float32 | bfloat16 (autocast; weights and optimizer stay float32)
+    compile: bool = False
+    activation_checkpointing: bool = False
+    threads: int = 0  # torch threads per process; 0 leaves torch's default
+    # DeepSeek specifics
+    router_bias_rate: float = 0.0  # auxiliary-loss-free balancing speed (V3 uses 0.001); 0 is off
+    seq_balance_alpha: float = 0.0  # sequence-wise balance loss weight (V3: 0.0001); 0 is off
+    mtp_weight: float = 0.0  # weight of the multi-token prediction loss (V3: 0.3 then 0.1); 0 is off
+    # bookkeeping
+    eval_every: int = 100
+    eval_steps: int = 10
+    sample_every: int = 0  # 0: only at the end
+    sample_prompt: str = "\n"
+    sample_tokens: int = 64
+    save_every: int = 500
+    keep_last: int = 2
+    log_every: int = 10
+    progress: bool = True
+    distributed: str = "ddp"  # ddp | fsdp, under torchrun
+    device: str = "auto"
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+        data: dict[str, Any] = {}
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise ValueError(f"{path}: no such config file")
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = set(data) - set(names)
+        if unknown:
+            raise ValueError(f"{path}: unknown key(s) {sorted(unknown)}")
+        cfg = cls(**data)
+        for key, value in _pairs(overrides or []):
+            if key.startswith("model."):
+                cfg.model[key[6:]] = _parse_value(value)
+                continue
+            if key not in names:
+                raise ValueError(f"unknown option --{key.replace('_', '-')}")
+            current = getattr(cfg, key)
+            setattr(cfg, key, _coerce(value, current, key))
+        return cfg
+
+
+def _pairs(args: list[str]) -> list[tuple[str, str]]:
+    out, i = [], 0
+    while i < len(args):
+        a = args[i]
+        if not a.startswith("--"):
+            raise ValueError(f"expected --key value, got {a!r}")
+        a = a[2:].replace("-", "_")
+        if "=" in a:
+            k, v = a.split("=", 1)
+            i += 1
+        elif i + 1 < len(args):
+            k, v = a, args[i + 1]
+            i += 2
+        else:
+            raise ValueError(f"--{a} needs a value")
+        out.append((k, v))
+    return out
+
+
+def _parse_value(v: str) -> Any:
+    try:
+        return json.loads(v)
+    except json.JSONDecodeError:
+        return v
+
+
+def _coerce(value: str, current: Any, key: str) -> Any:
+    try:
+        if isinstance(current, bool):
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            return value.lower() in ("true", "1")
+        if isinstance(current, int):
+            return int(value)
+        if isinstance(current, float):
+            return float(value)
+    except ValueError:
+        raise ValueError(f"--{key.replace('_', '-')}: expected a {type(current).__name__}, got {value!r}") from None
+    return value
+
+
+def lr_at(step: int, c: TrainConfig) -> float:
+    """Learning rate for optimizer step `step` (0-based)."""
+    if step < c.warmup_steps:
+        return c.lr * (step + 1) / c.warmup_steps
+    if c.schedule == "constant":
+        return c.lr
+    if c.schedule == "cosine":
+        progress = min(1.0, (step - c.warmup_steps) / max(1, c.max_steps - c.warmup_steps))
+        return c.min_lr + 0.5 * (c.lr - c.min_lr) * (1 + math.cos(math.pi * progress))
+    if c.schedule == "wsd":
+        decay_start = c.max_steps - int(c.decay_fraction * c.max_steps)
+        if step < decay_start:
+            return c.lr
+        return c.lr + (c.min_lr - c.lr) * (step - decay_start + 1) / max(1, c.max_steps - decay_start)
+    raise ValueError(f"schedule must be cosine, wsd or constant, got {c.schedule!r}")
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Matrices decay; norms, biases and embeddings do not (as in GPT-3 / Llama recipes)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or "embed_tokens" in name or "norm" in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    done = sorted(p for p in out_dir.glob("step-*") if (p / "train_state" / "state.json").is_file())
+    return done[-1] if done else None
+
+
+def build_model(c: TrainConfig, vocab_size: int, bos: int | None, eos: list[int]) -> Transformer:
+    if c.init_from:
+        return load_model(c.init_from, dtype=torch.float32)
+    cfg = preset(c.preset)
+    overrides = dict(c.model)
+    overrides.setdefault("vocab_size", vocab_size)
+    overrides.setdefault("bos_token_id", bos)
+    overrides.setdefault("eos_token_id", eos[0] if len(eos) == 1 else eos)
+    cfg = dataclasses.replace(cfg, **overrides)
+    if cfg.vocab_size < vocab_size:
+        raise ValueError(f"model vocab_size {cfg.vocab_size} < tokenizer's {vocab_size}")
+    model = Transformer(cfg)
+    model.init_weights(std=c.init_std, generator=torch.Generator().manual_seed(c.seed))
+    return model
+
+
+def train(c: TrainConfig, resume: bool = False) -> Path:
+    """Run (or resume) a training run; returns the final checkpoint directory."""
+    d = D.init(c.device)
+    if c.threads:
+        torch.set_num_threads(c.threads)
+    out = Path(c.out_dir)
+    manifest = read_manifest(c.data)
+    tokenizer = load_tokenizer(manifest["tokenizer"])
+    torch.manual_seed(c.seed)
+    random.seed(c.seed)
+    np.random.seed(c.seed)
+
+    start_ckpt = latest_checkpoint(out) if resume else None
+    if resume and start_ckpt is None:
+        D.print0(d, f"no checkpoint with train_state in {out}; starting from scratch")
+    if start_ckpt is not None:
+        model = Transformer(read_config(start_ckpt))  # weights come with the full state below
+    else:
+        model = build_model(c, tokenizer.vocab_size, tokenizer.bos_token_id, tokenizer.stop_token_ids)
+    model.to(d.device).train()
+    moes = moe_layers(model)
+    for m in moes:
+        m.seq_balance_alpha = c.seq_balance_alpha
+    if c.activation_checkpointing:
+        for layer in model.layers:  # recompute each block in backward instead of keeping its activations
+            layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
+    raw = model
+    model = D.wrap(model, d, c.distributed)
+    optimizer = torch.optim.AdamW(param_groups(raw, c.weight_decay), lr=c.lr, betas=(c.beta1, c.beta2), eps=c.eps)
+    loader = TokenLoader(c.data, "train", c.seq_len, c.batch_size, d.rank, d.world_size, seed=c.seed)
+    step = 0
+    if start_ckpt is not None:
+        step = _restore(start_ckpt, model, optimizer, loader, d)
+        D.print0(d, f"resumed from {start_ckpt} at step {step}")
+    if c.compile:
+        model = torch.compile(model)
+
+    if d.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    metrics_file = out / "metrics.jsonl"
+    history = _read_history(metrics_file, step) if d.is_main else []
+    tokens_per_step = c.batch_size * c.grad_accum * d.world_size * c.seq_len
+    autocast = torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=c.dtype == "bfloat16")
+    bar = None
+    if d.is_main and c.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=c.max_steps, initial=step, unit="step", dynamic_ncols=True, file=sys.stderr)
+    t_last, tok_since = time.perf_counter(), 0
+    last_ckpt = start_ckpt
+    end = min(c.stop_at or c.max_steps, c.max_steps)
+    while step < end:
+        lr = lr_at(step, c)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        counts = [torch.zeros_like(m.gate.e_score_correction_bias) for m in moes] if c.router_bias_rate else []
+        sums: dict[str, float] = {}
+        for micro in range(c.grad_accum):
+            x, y = loader.next()
+            x, y = x.to(d.device), y.to(d.device)
+            sync = micro == c.grad_accum - 1
+            ctx = model.no_sync() if (d.active and not sync and hasattr(model, "no_sync")) else _nullctx()
+            with ctx:
+                with autocast:
+                    loss, parts = pretrain_loss(model, x, y, c.mtp_weight)
+                (loss / c.grad_accum).backward()
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v.item() / c.grad_accum
+            for acc, m in zip(counts, moes):
+                if m.last_counts is not None:  # an MTP module's MoE only runs with the MTP loss on
+                    acc += m.last_counts.to(acc.dtype)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip if c.grad_clip > 0 else float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if counts:
+            update_router_bias(moes, [D.all_reduce_sum(cnt, d) for cnt in counts], c.router_bias_rate)
+        step += 1
+        tok_since += tokens_per_step
+        loss_now = D.all_reduce_mean(torch.tensor(sums["lm_loss"]), d).item()
+        record = {"step": step, "loss": loss_now, "lr": lr, "grad_norm": float(grad_norm),
+                  "tokens": step * tokens_per_step}
+        for k in ("mtp_loss", "balance_loss"):
+            if k in sums:
+                record[k] = D.all_reduce_mean(torch.tensor(sums[k]), d).item()
+        if moes:
+            loads = [m.last_counts.float() for m in moes if m.last_counts is not None]
+            record["expert_load_max_over_mean"] = float(torch.stack([lc.max() / lc.mean() for lc in loads]).mean())
+        if step % c.log_every == 0 or step == c.max_steps:
+            now = time.perf_counter()
+            record["tokens_per_s"] = tok_since / (now - t_last)
+            t_last, tok_since = now, 0
+        if c.eval_every and (step % c.eval_every == 0 or step == c.max_steps):
+            record["val_loss"] = evaluate(model, c, d, autocast)
+        if d.is_main:
+            history.append(record)
+            with open(metrics_file, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if "val_loss" in record:
+                plot_losses(history, out / "loss.png")
+        if bar is not None:
+            post = {"loss": f"{loss_now:.3f}", "lr": f"{lr:.2e}"}
+            if "tokens_per_s" in record:
+                post["tok/s"] = f"{record['tokens_per_s']:.0f}"
+            if "val_loss" in record:
+                post["val"] = f"{record['val_loss']:.3f}"
+            bar.set_postfix(post, refresh=False)
+            bar.update(1)
+        if (c.sample_every and step % c.sample_every == 0) or step == c.max_steps:
+            text = sample_text(raw, tokenizer, c)
+            if bar is not None:
+                bar.write(f"--- sample at step {step} ---\n{text}\n---")
+        if (c.save_every and step % c.save_every == 0) or step == end:
+            last_ckpt = save_checkpoint(out, step, model, optimizer, loader, c, d, tokenizer, record)
+    if bar is not None:
+        bar.close()
+    if d.is_main and step == c.max_steps and last_ckpt is not None:
+        link = out / "final"  # out_dir/final -> the last checkpoint, replaced atomically
+        tmp = out / ".final.tmp"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(last_ckpt.name)
+        tmp.rename(link)
+    D.shutdown()
+    return last_ckpt
+
+
+class _nullctx:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@torch.no_grad()
+def evaluate(model, c: TrainConfig, d: D.Dist, autocast) -> float:
+    """Mean validation loss over the first eval_steps batches of the val split (train if none)."""
+    split = "val" if read_manifest(c.data)["val"] else "train"
+    loader = TokenLoader(c.data, split, c.seq_len, c.batch_size, d.rank, d.world_size, seed=0, shuffle=False)
+    model.eval()
+    total = torch.zeros(())
+    n = min(c.eval_steps, len(loader.index) // (c.batch_size * d.world_size))
+    for _ in range(n):
+        x, y = loader.next()
+        with autocast:
+            loss, _ = pretrain_loss(model, x.to(d.device), y.to(d.device))
+        total += loss.float().cpu()
+    model.train()
+    return D.all_reduce_mean(total / max(n, 1), d).item()
+
+
+def sample_text(model, tokenizer, c: TrainConfig) -> str:
+    from ouvert.generate import generate
+
+    model.eval()
+    ids = tokenizer.encode(c.sample_prompt)
+    out = generate(model, ids, c.sample_tokens, temperature=0.8, top_k=50, seed=c.seed,
+                   stop_token_ids=tokenizer.stop_token_ids)
+    model.train()
+    return tokenizer.decode(ids + out[0], skip_special_tokens=True)
+
+
+def save_checkpoint(out: Path, step: int, model, optimizer, loader, c: TrainConfig, d: D.Dist, tokenizer,
+                    record: dict) -> Path:
+    """step-NNNNNN/: HF layout + train_state/ (optimizer, data position, RNG). Atomic; keeps the last few."""
+    msd, osd = D.full_state(model, optimizer)
+    path = out / f"step-{step:06d}"
+    if d.is_main:
+        raw = D.unwrap(model)
+
+        def write_state(tmp: Path) -> None:
+            ts = tmp / "train_state"
+            ts.mkdir()
+            torch.save(osd, ts / "optimizer.pt")
+            torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                        "python": random.getstate()}, ts / "rng.pt")
+            state = {"step": step, "loader": loader.state_dict(), "world_size": d.world_size, "metrics": record}
+            (ts / "state.json").write_text(json.dumps(state, indent=2))
+            (tmp / "train_config.json").write_text(json.dumps(dataclasses.asdict(c), indent=2))
+
+        save_model(raw, path, tokenizer=tokenizer, state_dict=msd, extra=write_state)
+        kept = sorted(p for p in out.glob("step-*") if p.is_dir())
+        for old in kept[: -c.keep_last] if c.keep_last > 0 else []:
+            shutil.rmtree(old)
+    if d.active:
+        torch.distributed.barrier()
+    return path
+
+
+def _restore(ckpt: Path, model, optimizer, loader: TokenLoader, d: D.Dist) -> int:
+    from safetensors.torch import load_file
+
+    from ouvert.checkpoint.hf import hf_state_dict_to_ours
+
+    state = json.loads((ckpt / "train_state" / "state.json").read_text())
+    files = sorted(ckpt.glob("model*.safetensors"))
+    hf = {}
+    for f in files:
+        hf.update(load_file(f))
+    msd = hf_state_dict_to_ours(hf, D.unwrap(model).config)
+    osd = torch.load(ckpt / "train_state" / "optimizer.pt", weights_only=False)
+    D.load_full_state(model, optimizer, msd, osd)
+    loader.load_state_dict(state["loader"])
+    rng = torch.load(ckpt / "train_state" / "rng.pt", weights_only=False)
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    return state["step"]
+
+
+def _read_history(path: Path, step: int) -> list[dict]:
+    """Earlier metrics of a resumed run, up to its checkpoint (lines past it are dropped)."""
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r["step"] <= step]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def plot_losses(history: list[dict], path: Path) -> None:
+    """Train loss per step and validation loss per eval, as a PNG (written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot([r["step"] for r in history], [r["loss"] for r in history], label="train", lw=1)
+    ev = [r for r in history if "val_loss" in r]
+    if ev:
+        ax.plot([r["step"] for r in ev], [r["val_loss"] for r in ev], "o-", label="validation", ms=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.rename(path)
