@@ -5,6 +5,7 @@ transformers renders them (sandboxed environment, trim_blocks and lstrip_blocks,
 from __future__ import annotations
 
 import json
+import os
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
@@ -53,3 +54,55 @@ def render(
     return compile_template(template).render(
         messages=messages, tools=tools, documents=None, add_generation_prompt=add_generation_prompt, **context
     )
+
+
+class ChatError(ValueError):
+    """A conversation that cannot be rendered for training; names what is wrong."""
+
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def check_conversation(messages: Any, need_assistant_last: bool = True) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise ChatError("'messages' must be a non-empty list")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+            raise ChatError(f"message {i} must be an object with a string 'content'")
+        if m.get("role") not in ROLES:
+            raise ChatError(f"message {i} has unknown role {m.get('role')!r} (expected one of {', '.join(ROLES)})")
+    if need_assistant_last and messages[-1]["role"] != "assistant":
+        raise ChatError(f"the last turn is {messages[-1]['role']!r}, not 'assistant': nothing to learn from")
+
+
+def render_with_mask(tokenizer, messages: list[dict[str, Any]]) -> tuple[list[int], list[int]]:
+    """Token ids of the conversation under the tokenizer's chat template, and a loss mask that is
+    1 on exactly the assistant turns' content tokens and the end-of-turn token that closes each.
+
+    Ids and mask come from one rendering of the whole conversation, so training cannot disagree
+    with the template: the assistant spans are located in that text (after the prompt the template
+    renders for the turn, via add_generation_prompt), and tokens are marked by their offsets.
+    """
+    check_conversation(messages)
+    full = tokenizer.apply_chat_template(messages)
+    enc = tokenizer.tok.encode(full, add_special_tokens=False)
+    ids, offsets = enc.ids, enc.offsets
+    mask = [0] * len(ids)
+    special = set(tokenizer.stop_token_ids) | {tokenizer.token_to_id(t) for t in ("<|eot_id|>", "<|im_end|>")}
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prompt = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True) if i else ""
+        content = m["content"].strip()
+        start = full.find(content, len(os.path.commonprefix([prompt, full])))
+        if start < 0 or not content:
+            raise ChatError(f"message {i}: the chat template does not render the assistant content verbatim")
+        end = start + len(content)
+        last = None
+        for t, (a, b) in enumerate(offsets):
+            if a < end and b > start:
+                mask[t] = 1
+                last = t
+        if last is not None and last + 1 < len(ids) and ids[last + 1] in special:
+            mask[last + 1] = 1  # the end-of-turn token: the model must learn to stop
+    return ids, mask

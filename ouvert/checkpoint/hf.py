@@ -239,6 +239,14 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
     checkpoints are dequantized (to bfloat16 unless told otherwise), one tensor at a time.
     """
     path = Path(path)
+    if path.suffix == ".gguf":  # llama.cpp / Ollama files
+        from ouvert.checkpoint.gguf import load_gguf
+
+        return load_gguf(path, dtype=dtype, device=device)
+    from ouvert.checkpoint.meta import is_meta_dir, load_meta
+
+    if is_meta_dir(path):  # Meta's params.json + consolidated.*.pth
+        return load_meta(path, dtype=dtype, device=device)
     cfg = read_config(path)
     files = WeightFiles(path)
     qc = cfg.extra.get("quantization_config") or {}
@@ -384,15 +392,24 @@ def save_model(
     own, e.g. full tensors gathered from FSDP shards; `extra(tmp_dir)` writes more files (a
     training state) into the directory before the rename.
     """
+    def write(tmp: Path) -> None:
+        _write(model, tmp, tokenizer, max_shard_bytes, state_dict)
+        if extra is not None:
+            extra(tmp)
+
+    return write_atomically(path, write)
+
+
+def write_atomically(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Fill a temporary directory beside `path` with write(tmp), then rename it over `path`.
+    If anything fails (a full disk), what was at `path` is untouched and the temp dir removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        _write(model, tmp, tokenizer, max_shard_bytes, state_dict)
-        if extra is not None:
-            extra(tmp)
+        write(tmp)
         if path.exists():
             old = path.parent / f".{path.name}.old-{os.getpid()}"
             path.rename(old)

@@ -32,11 +32,11 @@ from torch.utils.checkpoint import checkpoint
 
 from ouvert.checkpoint.hf import load_model, read_config, save_model
 from ouvert.config import preset
-from ouvert.data import TokenLoader, read_manifest
+from ouvert.data import read_manifest
 from ouvert.model import Transformer
 from ouvert.tokenizer import load_tokenizer
 from ouvert.train import distributed as D
-from ouvert.train.objectives import moe_layers, pretrain_loss, update_router_bias
+from ouvert.train.objectives import moe_layers, update_router_bias
 
 
 @dataclass
@@ -49,7 +49,9 @@ class TrainConfig:
     preset: str = "tiny-llama"  # model shape, unless init_from is set
     model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides on the preset
     init_from: str = ""  # start from this checkpoint directory instead of random weights
-    objective: str = "pretrain"
+    objective: str = "pretrain"  # pretrain | sft | dpo | grpo
+    val_data: str = ""  # sft / dpo / grpo: held-out JSONL
+    tokenizer: str = ""  # sft / dpo / grpo: default the init_from checkpoint's
     seed: int = 0
     # batch: each step sees batch_size * grad_accum * world_size sequences of seq_len tokens
     seq_len: int = 256
@@ -78,6 +80,19 @@ class TrainConfig:
     router_bias_rate: float = 0.0  # auxiliary-loss-free balancing speed (V3 uses 0.001); 0 is off
     seq_balance_alpha: float = 0.0  # sequence-wise balance loss weight (V3: 0.0001); 0 is off
     mtp_weight: float = 0.0  # weight of the multi-token prediction loss (V3: 0.3 then 0.1); 0 is off
+    # LoRA: adapters on the linear layers named in lora_targets ("q_proj,v_proj" or "all-linear")
+    lora_rank: int = 0  # 0 is off: every weight trains
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: str = "q_proj,v_proj"
+    # preference and RL objectives
+    beta: float = 0.1  # DPO temperature / GRPO KL weight
+    group_size: int = 8  # GRPO: completions per prompt
+    grpo_updates: int = 2  # GRPO: optimizer steps per batch of rollouts
+    clip_eps: float = 0.2  # GRPO: policy ratio clip
+    rewards: str = "exact_answer,format"  # GRPO: registered reward functions, summed
+    max_new_tokens: int = 16  # GRPO rollouts
+    rollout_temperature: float = 1.0
     # bookkeeping
     eval_every: int = 100
     eval_steps: int = 10
@@ -208,14 +223,42 @@ def build_model(c: TrainConfig, vocab_size: int, bos: int | None, eos: list[int]
     return model
 
 
+def make_task(c: TrainConfig, d: D.Dist, tokenizer, model):
+    from ouvert.train.objectives import PretrainTask, SFTTask
+
+    if c.objective == "pretrain":
+        return PretrainTask(c, d)
+    if c.objective == "sft":
+        return SFTTask(c, d, tokenizer)
+    if c.objective == "dpo":
+        from ouvert.train.preference import DPOTask
+
+        return DPOTask(c, d, tokenizer, model)
+    if c.objective == "grpo":
+        from ouvert.train.grpo import GRPOTask
+
+        return GRPOTask(c, d, tokenizer, model)
+    raise ValueError(f"objective must be pretrain, sft, dpo or grpo, got {c.objective!r}")
+
+
+def _tokenizer_for(c: TrainConfig):
+    if c.objective == "pretrain":
+        return load_tokenizer(read_manifest(c.data)["tokenizer"])
+    src = c.tokenizer or c.init_from
+    if not src:
+        raise ValueError(f"objective {c.objective} needs init_from (a checkpoint) or tokenizer (a directory)")
+    return load_tokenizer(src)
+
+
 def train(c: TrainConfig, resume: bool = False) -> Path:
     """Run (or resume) a training run; returns the final checkpoint directory."""
+    from ouvert.train import lora
+
     d = D.init(c.device)
     if c.threads:
         torch.set_num_threads(c.threads)
     out = Path(c.out_dir)
-    manifest = read_manifest(c.data)
-    tokenizer = load_tokenizer(manifest["tokenizer"])
+    tokenizer = _tokenizer_for(c)
     torch.manual_seed(c.seed)
     random.seed(c.seed)
     np.random.seed(c.seed)
@@ -223,10 +266,15 @@ def train(c: TrainConfig, resume: bool = False) -> Path:
     start_ckpt = latest_checkpoint(out) if resume else None
     if resume and start_ckpt is None:
         D.print0(d, f"no checkpoint with train_state in {out}; starting from scratch")
-    if start_ckpt is not None:
+    if start_ckpt is not None and not c.lora_rank:
         model = Transformer(read_config(start_ckpt))  # weights come with the full state below
     else:
         model = build_model(c, tokenizer.vocab_size, tokenizer.bos_token_id, tokenizer.stop_token_ids)
+    if c.lora_rank:
+        lora.apply_lora(model, c.lora_rank, c.lora_alpha, c.lora_dropout, c.lora_targets,
+                        generator=torch.Generator().manual_seed(c.seed))
+        if start_ckpt is not None:
+            lora.load_adapter_weights(model, start_ckpt)
     model.to(d.device).train()
     moes = moe_layers(model)
     for m in moes:
@@ -235,12 +283,15 @@ def train(c: TrainConfig, resume: bool = False) -> Path:
         for layer in model.layers:  # recompute each block in backward instead of keeping its activations
             layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
     raw = model
+    task = make_task(c, d, tokenizer, raw)
+    for p in getattr(task, "problems", []):
+        D.print0(d, f"warning: {p}", file=sys.stderr)
     model = D.wrap(model, d, c.distributed)
+    trainable = [p for p in raw.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(param_groups(raw, c.weight_decay), lr=c.lr, betas=(c.beta1, c.beta2), eps=c.eps)
-    loader = TokenLoader(c.data, "train", c.seq_len, c.batch_size, d.rank, d.world_size, seed=c.seed)
     step = 0
     if start_ckpt is not None:
-        step = _restore(start_ckpt, model, optimizer, loader, d)
+        step = _restore(start_ckpt, model, optimizer, task, d, lora_only=bool(c.lora_rank))
         D.print0(d, f"resumed from {start_ckpt} at step {step}")
     if c.compile:
         model = torch.compile(model)
@@ -249,7 +300,6 @@ def train(c: TrainConfig, resume: bool = False) -> Path:
         out.mkdir(parents=True, exist_ok=True)
     metrics_file = out / "metrics.jsonl"
     history = _read_history(metrics_file, step) if d.is_main else []
-    tokens_per_step = c.batch_size * c.grad_accum * d.world_size * c.seq_len
     autocast = torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=c.dtype == "bfloat16")
     bar = None
     if d.is_main and c.progress:
@@ -266,61 +316,62 @@ def train(c: TrainConfig, resume: bool = False) -> Path:
         counts = [torch.zeros_like(m.gate.e_score_correction_bias) for m in moes] if c.router_bias_rate else []
         sums: dict[str, float] = {}
         for micro in range(c.grad_accum):
-            x, y = loader.next()
-            x, y = x.to(d.device), y.to(d.device)
+            batch = {k: v.to(d.device) for k, v in task.next_batch().items()}
             sync = micro == c.grad_accum - 1
             ctx = model.no_sync() if (d.active and not sync and hasattr(model, "no_sync")) else _nullctx()
             with ctx:
                 with autocast:
-                    loss, parts = pretrain_loss(model, x, y, c.mtp_weight)
+                    loss, parts = task.loss(model, batch)
                 (loss / c.grad_accum).backward()
             for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + v.item() / c.grad_accum
+                sums[k] = sums.get(k, 0.0) + float(v) / c.grad_accum
+            tok_since += task.tokens(batch) * d.world_size
             for acc, m in zip(counts, moes):
                 if m.last_counts is not None:  # an MTP module's MoE only runs with the MTP loss on
                     acc += m.last_counts.to(acc.dtype)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip if c.grad_clip > 0 else float("inf"))
+        max_norm = c.grad_clip if c.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if counts:
             update_router_bias(moes, [D.all_reduce_sum(cnt, d) for cnt in counts], c.router_bias_rate)
         step += 1
-        tok_since += tokens_per_step
-        loss_now = D.all_reduce_mean(torch.tensor(sums["lm_loss"]), d).item()
-        record = {"step": step, "loss": loss_now, "lr": lr, "grad_norm": float(grad_norm),
-                  "tokens": step * tokens_per_step}
-        for k in ("mtp_loss", "balance_loss"):
-            if k in sums:
-                record[k] = D.all_reduce_mean(torch.tensor(sums[k]), d).item()
+        record: dict[str, Any] = {"step": step, "lr": lr, "grad_norm": float(grad_norm)}
+        for k, v in sums.items():
+            record["loss" if k == "lm_loss" else k] = D.all_reduce_mean(torch.tensor(v), d).item()
         if moes:
             loads = [m.last_counts.float() for m in moes if m.last_counts is not None]
             record["expert_load_max_over_mean"] = float(torch.stack([lc.max() / lc.mean() for lc in loads]).mean())
-        if step % c.log_every == 0 or step == c.max_steps:
+        if step % c.log_every == 0 or step == end:
             now = time.perf_counter()
             record["tokens_per_s"] = tok_since / (now - t_last)
             t_last, tok_since = now, 0
         if c.eval_every and (step % c.eval_every == 0 or step == c.max_steps):
-            record["val_loss"] = evaluate(model, c, d, autocast)
+            model.eval()
+            with torch.no_grad(), autocast:
+                record.update(task.evaluate(model))
+            model.train()
         if d.is_main:
             history.append(record)
             with open(metrics_file, "a") as f:
                 f.write(json.dumps(record) + "\n")
-            if "val_loss" in record:
+            if any(k.startswith("val_") for k in record):
                 plot_losses(history, out / "loss.png")
         if bar is not None:
-            post = {"loss": f"{loss_now:.3f}", "lr": f"{lr:.2e}"}
+            post = {"loss": f"{record['loss']:.3f}", "lr": f"{lr:.2e}"}
             if "tokens_per_s" in record:
                 post["tok/s"] = f"{record['tokens_per_s']:.0f}"
-            if "val_loss" in record:
-                post["val"] = f"{record['val_loss']:.3f}"
+            for k in ("val_loss", "val_accuracy", "reward_mean"):
+                if k in record:
+                    post[k.removeprefix("val_")] = f"{record[k]:.3f}"
             bar.set_postfix(post, refresh=False)
             bar.update(1)
-        if (c.sample_every and step % c.sample_every == 0) or step == c.max_steps:
+        if c.sample_every and step % c.sample_every == 0 or (step == c.max_steps and c.sample_tokens > 0):
             text = sample_text(raw, tokenizer, c)
             if bar is not None:
                 bar.write(f"--- sample at step {step} ---\n{text}\n---")
         if (c.save_every and step % c.save_every == 0) or step == end:
-            last_ckpt = save_checkpoint(out, step, model, optimizer, loader, c, d, tokenizer, record)
+            last_ckpt = save_checkpoint(out, step, model, optimizer, task, c, d, tokenizer, record)
     if bar is not None:
         bar.close()
     if d.is_main and step == c.max_steps and last_ckpt is not None:
@@ -341,23 +392,6 @@ class _nullctx:
         return False
 
 
-@torch.no_grad()
-def evaluate(model, c: TrainConfig, d: D.Dist, autocast) -> float:
-    """Mean validation loss over the first eval_steps batches of the val split (train if none)."""
-    split = "val" if read_manifest(c.data)["val"] else "train"
-    loader = TokenLoader(c.data, split, c.seq_len, c.batch_size, d.rank, d.world_size, seed=0, shuffle=False)
-    model.eval()
-    total = torch.zeros(())
-    n = min(c.eval_steps, len(loader.index) // (c.batch_size * d.world_size))
-    for _ in range(n):
-        x, y = loader.next()
-        with autocast:
-            loss, _ = pretrain_loss(model, x.to(d.device), y.to(d.device))
-        total += loss.float().cpu()
-    model.train()
-    return D.all_reduce_mean(total / max(n, 1), d).item()
-
-
 def sample_text(model, tokenizer, c: TrainConfig) -> str:
     from ouvert.generate import generate
 
@@ -369,9 +403,13 @@ def sample_text(model, tokenizer, c: TrainConfig) -> str:
     return tokenizer.decode(ids + out[0], skip_special_tokens=True)
 
 
-def save_checkpoint(out: Path, step: int, model, optimizer, loader, c: TrainConfig, d: D.Dist, tokenizer,
+def save_checkpoint(out: Path, step: int, model, optimizer, task, c: TrainConfig, d: D.Dist, tokenizer,
                     record: dict) -> Path:
-    """step-NNNNNN/: HF layout + train_state/ (optimizer, data position, RNG). Atomic; keeps the last few."""
+    """step-NNNNNN/: HF layout (or, with LoRA, the adapter in PEFT's layout) + train_state/
+    (optimizer, data position, RNG). Atomic; keeps the last few."""
+    from ouvert.checkpoint.hf import write_atomically
+    from ouvert.train import lora
+
     msd, osd = D.full_state(model, optimizer)
     path = out / f"step-{step:06d}"
     if d.is_main:
@@ -383,11 +421,19 @@ def save_checkpoint(out: Path, step: int, model, optimizer, loader, c: TrainConf
             torch.save(osd, ts / "optimizer.pt")
             torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
                         "python": random.getstate()}, ts / "rng.pt")
-            state = {"step": step, "loader": loader.state_dict(), "world_size": d.world_size, "metrics": record}
+            state = {"step": step, "task": task.state_dict(), "world_size": d.world_size, "metrics": record}
             (ts / "state.json").write_text(json.dumps(state, indent=2))
             (tmp / "train_config.json").write_text(json.dumps(dataclasses.asdict(c), indent=2))
 
-        save_model(raw, path, tokenizer=tokenizer, state_dict=msd, extra=write_state)
+        if lora.lora_modules(raw):
+            def write_adapter(tmp: Path) -> None:
+                lora.save_adapter(raw, tmp, base=c.init_from, state=msd)
+                tokenizer.save(tmp)
+                write_state(tmp)
+
+            write_atomically(path, write_adapter)
+        else:
+            save_model(raw, path, tokenizer=tokenizer, state_dict=msd, extra=write_state)
         kept = sorted(p for p in out.glob("step-*") if p.is_dir())
         for old in kept[: -c.keep_last] if c.keep_last > 0 else []:
             shutil.rmtree(old)
@@ -396,20 +442,22 @@ def save_checkpoint(out: Path, step: int, model, optimizer, loader, c: TrainConf
     return path
 
 
-def _restore(ckpt: Path, model, optimizer, loader: TokenLoader, d: D.Dist) -> int:
+def _restore(ckpt: Path, model, optimizer, task, d: D.Dist, lora_only: bool = False) -> int:
     from safetensors.torch import load_file
 
     from ouvert.checkpoint.hf import hf_state_dict_to_ours
 
     state = json.loads((ckpt / "train_state" / "state.json").read_text())
-    files = sorted(ckpt.glob("model*.safetensors"))
-    hf = {}
-    for f in files:
-        hf.update(load_file(f))
-    msd = hf_state_dict_to_ours(hf, D.unwrap(model).config)
     osd = torch.load(ckpt / "train_state" / "optimizer.pt", weights_only=False)
-    D.load_full_state(model, optimizer, msd, osd)
-    loader.load_state_dict(state["loader"])
+    if lora_only:  # adapters were loaded with the model; the base is frozen and unchanged
+        D.load_full_state(model, optimizer, D.unwrap(model).state_dict(), osd)
+    else:
+        hf = {}
+        for f in sorted(ckpt.glob("model*.safetensors")):
+            hf.update(load_file(f))
+        msd = hf_state_dict_to_ours(hf, D.unwrap(model).config)
+        D.load_full_state(model, optimizer, msd, osd)
+    task.load_state_dict(state["task"])
     rng = torch.load(ckpt / "train_state" / "rng.pt", weights_only=False)
     torch.set_rng_state(rng["torch"])
     np.random.set_state(rng["numpy"])
@@ -440,9 +488,16 @@ def plot_losses(history: list[dict], path: Path) -> None:
     if ev:
         ax.plot([r["step"] for r in ev], [r["val_loss"] for r in ev], "o-", label="validation", ms=3)
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
+    ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper left")
+    acc = [r for r in history if "val_accuracy" in r]
+    if acc:  # GRPO: held-out accuracy on a second axis
+        ax2 = ax.twinx()
+        ax2.plot([r["step"] for r in acc], [r["val_accuracy"] for r in acc], "s-", color="C2", ms=3,
+                 label="held-out accuracy")
+        ax2.set_ylabel("accuracy")
+        ax2.legend(loc="upper right")
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp)
