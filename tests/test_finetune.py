@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 import ouvert
 from ouvert.chat import ChatError, render_with_mask
 from ouvert.train import TrainConfig, train
-from ouvert.train.grpo import grpo_token_loss, group_advantages
+from ouvert.train.grpo import group_advantages, grpo_token_loss
 
 THREE_TURNS = [
     {"role": "system", "content": "You answer in one line."},
@@ -123,8 +123,8 @@ def test_lora_sft_peft_and_merge(base_ckpt, tmp_path):
 
 
 def test_sft_reports_bad_lines_and_uses_the_rest(base_ckpt, tmp_path, capsys):
-    from ouvert.train.objectives import SFTTask
     from ouvert.train.distributed import Dist
+    from ouvert.train.objectives import SFTTask
 
     d, _ = base_ckpt
     data = _chat_jsonl(tmp_path / "chat.jsonl", n=16, extra_bad=True)
