@@ -1,4 +1,4 @@
-"""A worked task that proves SFT and GRPO on a CPU: two-digit addition.
+"""A worked task that proves SFT and GRPO on a CPU: addition (two-digit plus one-digit).
 
     python -m ouvert.train.arithmetic --out runs/arithmetic
 
@@ -22,16 +22,16 @@ MODEL = {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 3, "
          "num_key_value_heads": 2, "max_position_embeddings": 128, "tie_word_embeddings": True}
 
 
-def problems(n: int, rng: random.Random, digits: int = 2) -> list[dict]:
-    lo, hi = 10 ** (digits - 1), 10**digits - 1
+def problems(n: int, rng: random.Random, digits: tuple[int, int] = (2, 1)) -> list[dict]:
+    """a + b with a of digits[0] digits and b of digits[1] (default: two-digit plus one-digit)."""
     out = []
     for _ in range(n):
-        a, b = rng.randint(lo, hi), rng.randint(lo, hi)
+        a, b = (rng.randint(10 ** (k - 1) if k > 1 else 0, 10**k - 1) for k in digits)
         out.append({"prompt": f"{a}+{b}", "answer": str(a + b)})
     return out
 
 
-def write_data(out: Path, seed: int = 0, n_sft: int = 4000, n_rl: int = 2000, n_val: int = 200) -> dict[str, Path]:
+def write_data(out: Path, seed: int = 0, n_sft: int = 4000, n_rl: int = 2000, n_val: int = 100) -> dict[str, Path]:
     rng = random.Random(seed)
     seen: set[str] = set()
     val = []
@@ -55,7 +55,7 @@ def write_data(out: Path, seed: int = 0, n_sft: int = 4000, n_rl: int = 2000, n_
     return files
 
 
-def run(out: Path, sft_steps: int = 300, grpo_steps: int = 60, seed: int = 0, progress: bool = True) -> dict:
+def run(out: Path, sft_steps: int = 600, grpo_steps: int = 80, seed: int = 0, progress: bool = True) -> dict:
     from ouvert.checkpoint.hf import load_model
     from ouvert.tokenizer import load_tokenizer, train_tokenizer
     from ouvert.train.grpo import accuracy
@@ -92,8 +92,8 @@ def run(out: Path, sft_steps: int = 300, grpo_steps: int = 60, seed: int = 0, pr
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/arithmetic")
-    ap.add_argument("--sft-steps", type=int, default=300)
-    ap.add_argument("--grpo-steps", type=int, default=60)
+    ap.add_argument("--sft-steps", type=int, default=600)
+    ap.add_argument("--grpo-steps", type=int, default=80)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     r = run(Path(a.out), a.sft_steps, a.grpo_steps, a.seed)
