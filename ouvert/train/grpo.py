@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from ouvert.data import DataError
 from ouvert.generate import generate
 from ouvert.train.lora import lora_modules
-from ouvert.train.objectives import read_jsonl
+from ouvert.train.objectives import read_jsonl, token_logprobs
 from ouvert.train.preference import adapters_off
 
 # name -> reward(completion_text, example) -> float. Register your own with @reward("name").
@@ -79,11 +79,6 @@ def grpo_token_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, adv: Tenso
     n = mask.sum().clamp(min=1)
     clipped = ((ratio - ratio.clamp(1 - clip_eps, 1 + clip_eps)).abs() > 0).float()
     return loss, {"kl": (kl * mask).sum() / n, "clip_fraction": (clipped * mask).sum() / n}
-
-
-def completion_logprobs(model: nn.Module, ids: Tensor) -> Tensor:
-    logits = model(ids[:, :-1]).float()
-    return torch.gather(logits.log_softmax(-1), 2, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
 
 
 class GRPOTask:
@@ -153,12 +148,12 @@ class GRPOTask:
         mask = torch.zeros(len(seqs), T - 1)
         for i, (p, o) in enumerate(zip(prompts, outs)):
             mask[i, len(p) - 1 : len(p) - 1 + len(o)] = 1  # predictions of the completion's tokens
-        old = completion_logprobs(self.policy, ids)
+        old = token_logprobs(self.policy, ids)
         if self.ref is not None:
-            ref = completion_logprobs(self.ref, ids)
+            ref = token_logprobs(self.ref, ids)
         else:
             with adapters_off(self.policy):
-                ref = completion_logprobs(self.policy, ids)
+                ref = token_logprobs(self.policy, ids)
         return {"ids": ids, "mask": mask, "adv": adv, "old": old, "ref": ref, "reward": r,
                 "length": torch.tensor([len(o) for o in outs], dtype=torch.float)}
 
@@ -169,7 +164,7 @@ class GRPOTask:
         return self.buffer
 
     def loss(self, model, batch):
-        logp = completion_logprobs(model, batch["ids"])
+        logp = token_logprobs(model, batch["ids"])
         loss, m = grpo_token_loss(logp, batch["old"], batch["ref"], batch["adv"], batch["mask"],
                                   self.c.clip_eps, self.c.beta)
         r = batch["reward"]

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ouvert.chat import render_with_mask
 from ouvert.data import DataError
 from ouvert.train.lora import lora_modules
-from ouvert.train.objectives import Batcher, pad_right, read_jsonl
+from ouvert.train.objectives import Batcher, pad_right, read_jsonl, token_logprobs
 
 
 def render_pair(tok, prompt, response: str) -> tuple[list[int], list[int]]:
@@ -47,9 +47,7 @@ def adapters_off(model: nn.Module):
 
 def sequence_logprob(model: nn.Module, ids: Tensor, mask: Tensor) -> Tensor:
     """Sum of log p over the masked (response) tokens: (B,)."""
-    logits = model(ids[:, :-1]).float()
-    lp = torch.gather(logits.log_softmax(-1), 2, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    return (lp * mask[:, 1:]).sum(-1)
+    return (token_logprobs(model, ids) * mask[:, 1:]).sum(-1)
 
 
 class DPOTask:
