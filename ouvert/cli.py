@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ouvert.checkpoint.gguf import add_export_parser
 from ouvert.serve.cli import add_serve_parser
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -22,7 +23,7 @@ def _load(args) -> tuple:
 
     model = load_model(args.model, dtype=DTYPES.get(args.dtype))
     tok_dir = Path(args.tokenizer or args.model)
-    if not (tok_dir / "tokenizer.json").is_file():
+    if tok_dir.suffix != ".gguf" and not (tok_dir / "tokenizer.json").is_file():
         raise ValueError(f"{tok_dir}: no tokenizer.json; pass --tokenizer DIR")
     return model, load_tokenizer(tok_dir)
 
@@ -231,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None)
     p.set_defaults(func=cmd_data_prepare)
     add_serve_parser(sub)
+    add_export_parser(sub)
     return ap
 
 

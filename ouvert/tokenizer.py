@@ -151,6 +151,10 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     """Read a tokenizer from a directory with tokenizer.json (and tokenizer_config.json,
     generation_config.json, chat_template.jinja when present)."""
     path = Path(path)
+    if path.suffix == ".gguf" and path.is_file():  # llama.cpp / Ollama files carry their tokenizer
+        from ouvert.checkpoint.gguf import gguf_tokenizer
+
+        return gguf_tokenizer(path)
     tj = path / "tokenizer.json"
     if not path.is_dir():
         raise TokenizerError(f"{path}: no such directory")

@@ -1,0 +1,433 @@
+"""`ouvert serve` as clients meet it: a live uvicorn server on 127.0.0.1, driven by the official
+`openai` client (and by raw HTTP where the client hides what we check), over a random-weight
+Llama with Llama 3's real tokenizer and chat template."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx2 as httpx  # the HTTP client the openai package is built on
+import jsonschema
+import openai
+import pytest
+import torch
+
+from ouvert import ModelConfig, Transformer, load_tokenizer, save_model
+from ouvert.cli import build_parser
+from ouvert.serve import tools as tool_fmt
+from ouvert.serve.cli import BackgroundServer, build_app
+
+CONFIG = dict(model_type="llama", vocab_size=128256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True,
+              bos_token_id=128000, eos_token_id=128001)
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather", "description": "Current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]},
+                           "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+            "required": ["city", "unit"],
+        },
+    },
+}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"type": "string"}}, "required": ["zone"]}}}
+USER = [{"role": "user", "content": "Hello! Who are you?"}]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, llama3_tokenizer_dir):
+    out = tmp_path_factory.mktemp("serve") / "tiny-chat"
+    model = Transformer(ModelConfig(**CONFIG))
+    model.init_weights(std=0.2, generator=torch.Generator().manual_seed(0))
+    save_model(model, out, tokenizer=load_tokenizer(llama3_tokenizer_dir))
+    return out
+
+
+def start(model_dir, *flags):
+    """An app built by `ouvert serve`'s own argument parsing and loading, served from a thread."""
+    args = build_parser().parse_args(["serve", "--model", str(model_dir), "--chunk", "16", *flags])
+    app, _ = build_app(args)
+    return BackgroundServer(app)
+
+
+@pytest.fixture(scope="module")
+def url(model_dir):
+    with start(model_dir, "--max-batch", "8", "--max-body", "65536") as u:
+        yield u
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def chat(client, messages=USER, **kw):
+    return client.chat.completions.create(model="tiny-chat", messages=messages, **kw)
+
+
+def metrics(url) -> dict[str, float]:
+    text = httpx.get(url + "/metrics").text
+    return {m[1]: float(m[2]) for m in re.finditer(r"^([a-z_]+(?:\{[^}]*\})?) (\S+)$", text, re.M)}
+
+
+# ---- the API surface ------------------------------------------------------------------------
+
+
+def test_models_health_and_page(url, client):
+    assert [m.id for m in client.models.list()] == ["tiny-chat"]
+    assert client.models.retrieve("tiny-chat").id == "tiny-chat"
+    assert httpx.get(url + "/health").json()["status"] == "ok"
+    page = httpx.get(url + "/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"] and "ouvert" in page.text
+
+
+def test_chat_stream_and_not_agree(url, client):
+    full = chat(client, max_tokens=12, temperature=0)
+    c = full.choices[0]
+    assert c.message.role == "assistant" and c.message.content and c.finish_reason == "length"
+    assert full.usage.completion_tokens == 12 and full.usage.total_tokens == full.usage.prompt_tokens + 12
+    chunks = list(chat(client, max_tokens=12, temperature=0, stream=True, stream_options={"include_usage": True}))
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == c.message.content
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 12
+    # the wire format: server-sent events ending with [DONE]
+    body = {"model": "tiny-chat", "messages": USER, "max_tokens": 3, "stream": True}
+    lines = [ln for ln in httpx.post(url + "/v1/chat/completions", json=body).text.split("\n") if ln]
+    assert all(ln.startswith("data: ") for ln in lines) and lines[-1] == "data: [DONE]"
+    # max_completion_tokens is the newer name of max_tokens
+    assert chat(client, max_completion_tokens=5, temperature=0).usage.completion_tokens == 5
+
+
+def test_completions(client, llama3_tokenizer_dir):
+    r = client.completions.create(model="tiny-chat", prompt="Once upon a time", max_tokens=10, temperature=0)
+    assert r.object == "text_completion" and r.choices[0].text and r.usage.completion_tokens == 10
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="tiny-chat", prompt="Once upon a time", max_tokens=10, temperature=0, stream=True))
+    assert streamed == r.choices[0].text
+    echo = client.completions.create(model="tiny-chat", prompt="Once upon a time", max_tokens=4, temperature=0,
+                                     echo=True)
+    assert echo.choices[0].text.startswith("Once upon a time")
+    prompt_ids = load_tokenizer(llama3_tokenizer_dir).encode("Once upon a time")  # the same prompt as token ids
+    ids = client.completions.create(model="tiny-chat", prompt=prompt_ids, max_tokens=10, temperature=0)
+    assert ids.choices[0].text == r.choices[0].text and ids.usage.prompt_tokens == len(prompt_ids)
+
+
+def test_n_choices(client):
+    r = chat(client, max_tokens=8, temperature=1.0, seed=7, n=3)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert len({c.message.content for c in r.choices}) > 1
+    assert r.usage.completion_tokens == 24
+    streamed = {}
+    for ch in chat(client, max_tokens=8, temperature=1.0, seed=7, n=3, stream=True):
+        for c in ch.choices:
+            streamed[c.index] = streamed.get(c.index, "") + (c.delta.content or "")
+    assert [streamed[i] for i in range(3)] == [c.message.content for c in r.choices]
+
+
+def test_stop(client):
+    full = chat(client, max_tokens=24, temperature=0).choices[0].message.content
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    r = chat(client, max_tokens=24, temperature=0, stop=[stop, "never-seen-stop"])
+    assert r.choices[0].message.content == full[: full.index(stop)] and r.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].delta.content or "" for c in chat(client, max_tokens=24, temperature=0,
+                                                                       stop=stop, stream=True) if c.choices)
+    assert streamed == full[: full.index(stop)]
+
+
+def test_seed_reproducibility(client):
+    a = [chat(client, max_tokens=10, temperature=1.0, top_p=0.95, seed=s).choices[0].message.content
+         for s in (1, 1, 2)]
+    assert a[0] == a[1] != a[2]
+    # penalties change the distribution, and are reproducible too
+    p = [chat(client, max_tokens=10, temperature=1.0, seed=1, presence_penalty=2, frequency_penalty=2)
+         .choices[0].message.content for _ in range(2)]
+    assert p[0] == p[1]
+
+
+def test_logprobs(client):
+    r = chat(client, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == 6 and "".join(e.token for e in content) == r.choices[0].message.content
+    for e in content:
+        tops = [t.logprob for t in e.top_logprobs]
+        assert len(tops) == 3 and tops == sorted(tops, reverse=True) and tops[0] <= 0
+        assert e.logprob == tops[0] and e.token == e.top_logprobs[0].token  # greedy takes the most likely
+    c = client.completions.create(model="tiny-chat", prompt="Hi", max_tokens=4, temperature=0, logprobs=2)
+    lp = c.choices[0].logprobs
+    assert len(lp.tokens) == 4 and len(lp.top_logprobs[0]) == 2 and all(x <= 0 for x in lp.token_logprobs)
+    assert lp.text_offset[0] == 0 and "".join(lp.tokens) == c.choices[0].text
+
+
+# ---- constrained decoding and tools -----------------------------------------------------------
+
+
+def test_json_object(client):
+    for seed in range(3):
+        r = chat(client, max_tokens=40, temperature=1.0, seed=seed, response_format={"type": "json_object"})
+        assert isinstance(json.loads(r.choices[0].message.content), dict)
+
+
+def test_json_schema(client):
+    schema = {"type": "object", "properties": {
+        "name": {"type": "string"}, "age": {"type": "integer", "minimum": 0, "maximum": 150},
+        "languages": {"type": "array", "items": {"enum": ["fr", "en", "de"]}}},
+        "required": ["name", "age", "languages"], "additionalProperties": False}
+    for seed in range(3):
+        r = chat(client, max_tokens=48, temperature=1.0, seed=seed,
+                 response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema}})
+        jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+
+
+def test_tool_call_round_trip(client):
+    messages = [{"role": "user", "content": "What's the weather in Paris?"}]
+    r = chat(client, messages, max_tokens=64, temperature=1.0, seed=3, tools=[WEATHER, TIME], tool_choice="required")
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.id.startswith("call_")
+    params = {"get_weather": WEATHER, "get_time": TIME}[call.function.name]["function"]["parameters"]
+    jsonschema.validate(json.loads(call.function.arguments), params)
+    messages += [choice.message.model_dump(exclude_none=True),
+                 {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21, "sky": "clear"}'}]
+    answer = chat(client, messages, max_tokens=8, temperature=0, tools=[WEATHER, TIME], tool_choice="none")
+    assert answer.choices[0].message.content and not answer.choices[0].message.tool_calls
+    assert answer.usage.prompt_tokens > r.usage.prompt_tokens + 10  # the call and its result are in the prompt
+
+
+def test_named_tool_choice_streams(client):
+    kw = dict(max_tokens=64, temperature=1.0, seed=5, tools=[WEATHER, TIME],
+              tool_choice={"type": "function", "function": {"name": "get_time"}})
+    whole = chat(client, **kw).choices[0].message.tool_calls[0]
+    name, args, finish = None, "", None
+    for ch in chat(client, stream=True, **kw):
+        for c in ch.choices:
+            for tc in c.delta.tool_calls or []:
+                name = name or tc.function.name
+                args += tc.function.arguments or ""
+            finish = c.finish_reason or finish
+    assert name == whole.function.name == "get_time" and finish == "tool_calls"
+    assert args == whole.function.arguments
+    jsonschema.validate(json.loads(args), TIME["function"]["parameters"])
+
+
+def test_tools_in_the_prompt(llama3_tokenizer_dir):
+    """Llama 3's template has no tool support: tools go into the system message, a past call is
+    written as the model writes calls, and the tool's result keeps its role."""
+    tok = load_tokenizer(llama3_tokenizer_dir)
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    messages = [{"role": "user", "content": "Weather?"}, {"role": "assistant", "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "21 C"}]
+    msgs, native = tool_fmt.prepare(messages, [WEATHER], tok.chat_template)
+    text = tok.apply_chat_template(msgs, add_generation_prompt=True, tools=native)
+    assert native is None and text.index('"name": "get_weather"') < text.index("Weather?")
+    assert '{"name": "get_weather", "parameters": {"city": "Paris"}}' in text
+    assert "<|start_header_id|>tool<|end_header_id|>\n\n21 C<|eot_id|>" in text
+    # and calls are read back in both formats, unknown names and bad JSON refused
+    names = {"get_weather"}
+    _, calls = tool_fmt.parse_calls('<|python_tag|>{"name": "get_weather", "parameters": {"city": "Rome"}}', "llama",
+                                    names)
+    assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Rome"}
+    content, calls = tool_fmt.parse_calls('Sure.<tool_call>\n{"name": "get_weather", "arguments": {}}\n</tool_call>',
+                                          "hermes", names)
+    assert content == "Sure." and calls[0]["function"]["arguments"] == "{}"
+    assert tool_fmt.parse_calls('{"name": "rm_rf", "parameters": {}}', "llama", names) is None
+    assert tool_fmt.parse_calls('{"name": "get_weather", "parameters": ', "llama", names) is None
+    assert tool_fmt.parse_calls("It is sunny.", "llama", names) is None
+
+
+# ---- the engine under the API -------------------------------------------------------------------
+
+
+def trace(r) -> list[tuple[str, float]]:
+    return [(e.token, e.logprob) for e in r.choices[0].logprobs.content]
+
+
+def stream_trace(stream) -> list[tuple[str, float]]:
+    return [(e.token, e.logprob) for ch in stream for c in ch.choices if c.logprobs for e in c.logprobs.content]
+
+
+def test_batching_is_exact(client):
+    """8 concurrent streaming requests, greedy and seeded sampling, each get exactly the tokens
+    (and log-probabilities, bit for bit) they get alone."""
+    kws = [dict(messages=[{"role": "user", "content": f"Tell me about the number {i}." + " Please." * i}],
+                max_tokens=12 + i, temperature=0.0 if i % 2 else 0.9, seed=i, logprobs=True) for i in range(8)]
+    alone = [trace(chat(client, **kw)) for kw in kws]
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda kw: stream_trace(chat(client, stream=True, **kw)), kws))
+    assert together == alone
+    assert all(len(t) == 12 + i for i, t in enumerate(together))
+
+
+def test_prefix_cache(url, client):
+    """Requests sharing a system prompt reuse its cache (the metrics say so) and answer as without."""
+    system = {"role": "system", "content": "You are ouvert, a careful and concise assistant. " * 6}
+    kws = [dict(messages=[system, {"role": "user", "content": q}], max_tokens=8, temperature=0, logprobs=True)
+           for q in ("Hi!", "What is 2+2?", "Name a colour.", "Why is the sky blue?")]
+    before = metrics(url)
+    first = chat(client, **kws[0])  # may itself hit what an earlier test left, but not this system prompt
+    rest = [chat(client, **kw) for kw in kws[1:]]
+    after = metrics(url)
+    assert after["ouvert_prefix_cache_hits_total"] - before["ouvert_prefix_cache_hits_total"] >= 3
+    assert all(r.usage.prompt_tokens_details.cached_tokens >= 48 for r in rest)
+    # the same answers from a cache that holds nothing of them: a fresh prompt order on a cold server
+    assert first.usage.prompt_tokens_details.cached_tokens < 16
+    with ThreadPoolExecutor(4) as pool:
+        again = list(pool.map(lambda kw: trace(chat(client, **kw)), kws))
+    assert again == [trace(r) for r in [first, *rest]]
+
+
+def test_disconnect_frees_the_slot(url):
+    before = metrics(url)
+    body = {"model": "tiny-chat", "messages": USER, "max_tokens": 4000, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()  # kept referenced: a closed iterator closes the connection
+        for _ in range(6):
+            next(lines)
+        assert metrics(url)["ouvert_batch_size"] == 1
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        m = metrics(url)
+        if m["ouvert_batch_size"] == 0:
+            break
+        time.sleep(0.1)
+    assert m["ouvert_batch_size"] == 0
+    key = 'ouvert_requests_finished_total{reason="cancelled"}'
+    assert m.get(key, 0) == before.get(key, 0) + 1
+    assert m["ouvert_generation_tokens_total"] - before["ouvert_generation_tokens_total"] < 4000
+
+
+# ---- errors ---------------------------------------------------------------------------------------
+
+
+def test_overload_gives_429(model_dir):
+    with start(model_dir, "--max-batch", "1", "--max-queue", "1") as u:
+        body = {"model": "tiny-chat", "messages": USER, "max_tokens": 4000, "stream": True, "ignore_eos": True}
+        with httpx.stream("POST", u + "/v1/chat/completions", json=body, timeout=60) as running, \
+                httpx.stream("POST", u + "/v1/chat/completions", json=body, timeout=60) as waiting:
+            assert running.status_code == waiting.status_code == 200
+            deadline = time.monotonic() + 20
+            while metrics(u)["ouvert_queue_depth"] < 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            c = openai.OpenAI(base_url=u + "/v1", api_key="x", max_retries=0)
+            with pytest.raises(openai.RateLimitError) as e:
+                chat(c, max_tokens=4)
+            assert e.value.status_code == 429 and e.value.response.headers["retry-after"] == "1"
+            assert e.value.body["code"] == "queue_full"
+            assert metrics(u)["ouvert_requests_rejected_total"] == 1
+
+
+def test_too_long_prompt(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        chat(client, [{"role": "user", "content": "word " * 5000}], max_tokens=4)
+    assert e.value.body["code"] == "context_length_exceeded" and e.value.body["param"] == "messages"
+    with pytest.raises(openai.BadRequestError) as e:
+        chat(client, max_tokens=5000)
+    assert e.value.body["code"] == "context_length_exceeded" and e.value.body["param"] == "max_tokens"
+
+
+@pytest.mark.parametrize("body, status, param, code", [
+    ({"model": "gpt-4o", "messages": USER}, 404, "model", "model_not_found"),
+    ({"model": "tiny-chat", "messages": USER, "max_tokens": "many"}, 400, "max_tokens", "invalid_value"),
+    ({"model": "tiny-chat", "messages": USER, "temperature": 3}, 400, "temperature", "invalid_value"),
+    ({"model": "tiny-chat", "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role",
+     "invalid_value"),
+    ({"model": "tiny-chat"}, 400, "messages", "invalid_value"),
+    ({"model": "tiny-chat", "messages": USER, "tool_choice": "required"}, 400, "tool_choice", "invalid_value"),
+    ({"model": "tiny-chat", "messages": USER, "tools": [WEATHER],
+      "tool_choice": {"type": "function", "function": {"name": "nope"}}}, 400, "tool_choice", "invalid_value"),
+    ({"model": "tiny-chat", "messages": USER, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "no-such-type"}}}}, 400, "response_format.json_schema.schema",
+     "invalid_value"),
+    ({"model": "tiny-chat", "messages": USER, "logit_bias": {"999999999": 5}}, 400, "logit_bias", "invalid_value"),
+])
+def test_bad_requests_answer_in_openai_shape(url, body, status, param, code):
+    r = httpx.post(url + "/v1/chat/completions", json=body)
+    assert r.status_code == status
+    err = r.json()["error"]
+    assert (err["param"], err["code"]) == (param, code) and err["message"] and err["type"]
+
+
+def test_bad_json_and_body_limit(url):
+    r = httpx.post(url + "/v1/chat/completions", content=b'{"model": "tiny-chat", "messages": [',
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    r = httpx.post(url + "/v1/completions", json={"model": "tiny-chat", "prompt": "x" * 70000})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    r = httpx.get(url + "/v1/nowhere")
+    assert r.status_code == 404 and "error" in r.json()
+    assert "Traceback" not in r.text
+
+
+def test_api_key(model_dir):
+    with start(model_dir, "--max-batch", "2", "--api-key", "s3cret") as u:
+        with pytest.raises(openai.AuthenticationError) as e:
+            chat(openai.OpenAI(base_url=u + "/v1", api_key="wrong", max_retries=0), max_tokens=2)
+        assert e.value.status_code == 401 and e.value.body["code"] == "invalid_api_key"
+        assert httpx.get(u + "/v1/models").status_code == 401
+        assert httpx.get(u + "/metrics").status_code == 401
+        assert httpx.get(u + "/health").status_code == 200
+        ok = chat(openai.OpenAI(base_url=u + "/v1", api_key="s3cret", max_retries=0), max_tokens=2)
+        assert ok.usage.completion_tokens == 2
+
+
+def test_metrics(url, client):
+    chat(client, max_tokens=3)
+    text = httpx.get(url + "/metrics").text
+    for name in ("ouvert_http_requests_total", "ouvert_prompt_tokens_total", "ouvert_generation_tokens_total",
+                 "ouvert_queue_depth", "ouvert_batch_size", "ouvert_time_to_first_token_seconds_bucket",
+                 "ouvert_tokens_per_second", "ouvert_prefix_cache_hits_total"):
+        assert f"# TYPE {name.removesuffix('_bucket')} " in text and re.search(rf"^{name}[{{ ]", text, re.M)
+    m = metrics(url)
+    assert m['ouvert_time_to_first_token_seconds_bucket{le="+Inf"}'] == m["ouvert_time_to_first_token_seconds_count"]
+    assert m['ouvert_http_requests_total{route="/v1/chat/completions",code="200"}'] >= 1
+
+
+def test_engine_thread_survives_concurrent_load(client):
+    """Many short requests at once, more than the slots: none fails below the queue limit."""
+    errors = []
+
+    def one(i):
+        try:
+            return chat(client, max_tokens=4, temperature=1.0, seed=i).usage.completion_tokens
+        except Exception as e:  # noqa: BLE001 - collected and asserted on below
+            errors.append(e)
+
+    with ThreadPoolExecutor(20) as pool:
+        counts = list(pool.map(one, range(20)))
+    assert not errors and counts == [4] * 20
+    assert threading.active_count() < 100
+
+
+def test_a_failing_request_answers_500_without_a_trace(model_dir, capfd):
+    """A request that fails inside the engine gets a plain 500 in the OpenAI shape (the trace goes to
+    the server's log, not to the client) and fails alone: the batch and the server go on."""
+    args = build_parser().parse_args(["serve", "--model", str(model_dir), "--chunk", "16", "--max-batch", "4"])
+    app, engine = build_app(args)
+    real = engine._next
+
+    def fragile(seq, logits):
+        if seq.req.max_tokens == 7:
+            raise RuntimeError("boom: a bug in sampling")
+        real(seq, logits)
+
+    engine._next = fragile
+    with BackgroundServer(app) as u:
+        c = openai.OpenAI(base_url=u + "/v1", api_key="x", max_retries=0)
+        with ThreadPoolExecutor(2) as pool:
+            bad = pool.submit(lambda: chat(c, max_tokens=7))
+            good = pool.submit(lambda: chat(c, max_tokens=12))
+            with pytest.raises(openai.InternalServerError) as e:
+                bad.result()
+            assert good.result().usage.completion_tokens == 12
+        assert e.value.status_code == 500 and e.value.body["type"] == "server_error"
+        assert "boom" not in e.value.response.text and "Traceback" not in e.value.response.text
+        assert chat(c, max_tokens=3).usage.completion_tokens == 3
+    assert "boom: a bug in sampling" in capfd.readouterr().err

@@ -1,0 +1,201 @@
+"""The serving engine without HTTP: against ouvert.generate (its slow twin), batch invariance,
+prefix caching, GQA and MLA caches, and constrained decoding that closes in time."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import pytest
+import torch
+
+from ouvert import ModelConfig, Transformer, load_tokenizer
+from ouvert.generate import generate
+from ouvert.serve.engine import Engine, Request
+from ouvert.serve.grammar import GrammarCompiler
+
+LLAMA = dict(model_type="llama", vocab_size=128256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+             bos_token_id=128000, eos_token_id=128001)
+MLA = dict(LLAMA, model_type="deepseek_v3", kv_lora_rank=32, q_lora_rank=None, qk_nope_head_dim=16,
+           qk_rope_head_dim=8, v_head_dim=16, num_key_value_heads=4)
+
+
+def tiny(cfg: dict, std: float = 0.2, seed: int = 0) -> Transformer:
+    """Random weights; std 0.2 makes logits peaked, so greedy choices are not decided by rounding."""
+    model = Transformer(ModelConfig(**cfg))
+    model.init_weights(std=std, generator=torch.Generator().manual_seed(seed))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tok(llama3_tokenizer_dir):
+    return load_tokenizer(llama3_tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny(LLAMA)
+
+
+def run(engine: Engine, requests: list[Request]) -> list[list]:
+    """Submit all, step until idle; returns each request's Outputs."""
+    outs = [[] for _ in requests]
+    for o, r in zip(outs, requests):
+        engine.submit(r, o.append)
+    while engine.step():
+        pass
+    assert all(o and o[-1].finish_reason for o in outs)
+    return outs
+
+
+def ids(outs) -> list[int]:
+    return [t for o in outs for t in o.token_ids]
+
+
+def prompts(tok) -> list[list[int]]:
+    texts = ["Hello there, how are you?", "The quick brown fox jumps over the lazy dog. " * 6, "a",
+             "Open models win because", "1 2 3 4 5 6 7 8 9 10 11 12", "Bonjour, ça va ?", "def f(x):\n    return",
+             "Le chat est sur le tapis."]
+    return [tok.encode(t) for t in texts]
+
+
+@pytest.mark.parametrize("cfg", [LLAMA, MLA], ids=["gqa", "mla"])
+def test_greedy_matches_generate(cfg, tok):
+    """Per-request slots at different lengths, chunked prefill, one batched decode: token for token
+    what generate() gives each prompt alone."""
+    model = tiny(cfg)
+    engine = Engine(model, tok, max_batch=4, chunk=16)
+    ps = prompts(tok)[:6]  # more prompts than slots: some wait, then join the running batch
+    outs = run(engine, [Request(p, 12, temperature=0, ignore_eos=True) for p in ps])
+    for p, o in zip(ps, outs):
+        assert ids(o) == generate(model, p, 12, stop_token_ids=[])[0]
+        assert o[-1].finish_reason == "length" and o[-1].completion_tokens == 12
+
+
+def trace(outs) -> list[tuple[int, float]]:
+    """Each token with its log-probability: equal traces mean bitwise-equal logits."""
+    return [(e.token_id, e.logprob) for o in outs for e in o.logprobs or []]
+
+
+def test_batch_invariance(llama, tok):
+    """A request's tokens and log-probabilities, bit for bit, do not depend on what else runs: each
+    of 8 requests (greedy and seeded sampling, prompts of different lengths, arriving together,
+    so attention lengths and prefill chunks interleave) gets what it gets alone."""
+    ps = prompts(tok)
+
+    def reqs():
+        return [Request(p, 16, temperature=0.0 if i % 2 else 1.0, seed=100 + i, logprobs=0, ignore_eos=True)
+                for i, p in enumerate(ps)]
+
+    alone = [trace(run(Engine(llama, tok, max_batch=8, chunk=16), [r])[0]) for r in reqs()]
+    together = [trace(o) for o in run(Engine(llama, tok, max_batch=8, chunk=16), reqs())]
+    assert together == alone
+    # The comparison is fine enough to see a change of matmul shape: one slot instead of eight.
+    assert trace(run(Engine(llama, tok, max_batch=1, chunk=16), reqs()[:1])[0]) != alone[0]
+    # and the seeds matter
+    other = Request(ps[0], 16, seed=999, logprobs=0, ignore_eos=True)
+    assert trace(run(Engine(llama, tok, max_batch=8, chunk=16), [other])[0]) != alone[0]
+
+
+def test_prefix_cache_is_exact(llama, tok):
+    """A shared prefix is computed once, reused in whole chunks, and changes no output."""
+    system = tok.encode("You are a careful assistant. " * 8)  # > 2 chunks of 16
+    ps = [system + tok.encode(q, add_special_tokens=False) for q in ("What is 2+2?", "Name a colour.", "Why?")]
+    cold = [ids(run(Engine(llama, tok, max_batch=4, chunk=16), [Request(p, 8, temperature=0)])[0]) for p in ps]
+    engine = Engine(llama, tok, max_batch=4, chunk=16)
+    first = run(engine, [Request(ps[0], 8, temperature=0)])
+    assert first[0][-1].cached_tokens == 0
+    rest = run(engine, [Request(p, 8, temperature=0) for p in ps[1:]])
+    assert [ids(first[0])] + [ids(o) for o in rest] == cold
+    assert all(o[-1].cached_tokens == len(system) // 16 * 16 for o in rest)
+    assert engine.metrics.prefix_cache_hits == 2
+
+
+def test_cancel_frees_the_slot(llama, tok):
+    engine = Engine(llama, tok, max_batch=2, chunk=16)
+    out = []
+    h = engine.submit(Request(tok.encode("Hi"), 100, ignore_eos=True), out.append)
+    for _ in range(4):
+        engine.step()
+    assert engine.running == 1
+    h.cancel()
+    engine.step()
+    assert engine.running == 0 and out[-1].finish_reason == "cancelled"
+    assert engine.metrics.finished["cancelled"] == 1
+
+
+def test_stop_strings_are_cut_and_held_back(llama, tok):
+    """Text that may begin a stop string is held back, and the stop string never reaches the client."""
+    engine = Engine(llama, tok, max_batch=2, chunk=16)
+    full = "".join(o.text for o in run(engine, [Request(tok.encode("Hello"), 24, temperature=0, ignore_eos=True)])[0])
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    assert len(stop) == 3 and stop.strip()
+    cut = run(engine, [Request(tok.encode("Hello"), 24, temperature=0, stop=[stop], ignore_eos=True)])[0]
+    assert "".join(o.text for o in cut) == full[: full.index(stop)]
+    assert cut[-1].finish_reason == "stop"
+
+
+@pytest.fixture(scope="module")
+def grammars(tok):
+    return GrammarCompiler(tok, LLAMA["vocab_size"], [128001, 128009])
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"}, "age": {"type": "integer", "minimum": 1},
+        "tags": {"type": "array", "items": {"type": "string"}},
+        "address": {"type": "object", "properties": {"city": {"type": "string"}, "zip": {"type": "number"}},
+                    "required": ["city", "zip"]},
+    },
+    "required": ["name", "age", "tags", "address"],
+}
+
+
+def test_constrained_output_closes_within_the_budget(tok, grammars):
+    """A flat random model wanders in strings and numbers; the closer still ends every answer as
+    valid JSON at the budget, even a budget just above the shortest completion."""
+    model = tiny(LLAMA, std=0.02)
+    g = grammars.json_schema(SCHEMA)
+    shortest = g.new().closing_cost()
+    engine = Engine(model, tok, max_batch=4, chunk=16)
+    reqs = [Request(tok.encode("Fill the form:"), m, temperature=1.0, seed=s, grammar=g)
+            for m in (shortest + 1, 48, 80) for s in range(2)]
+    for r, o in zip(reqs, run(engine, reqs)):
+        text = "".join(x.text for x in o)
+        jsonschema.validate(json.loads(text), SCHEMA)
+        assert o[-1].finish_reason == "stop" and o[-1].completion_tokens <= r.max_tokens
+
+
+def test_cache_pool_is_sized_by_memory(llama, tok):
+    per_token = 2 * 2 * 2 * 16 * 4  # layers * (K, V) * kv heads * head_dim * float32
+    engine = Engine(llama, tok, max_batch=4, chunk=16, cache_memory=4 * 100 * per_token)
+    assert engine.context_length == 100
+    with pytest.raises(ValueError, match="fewer than one chunk"):
+        Engine(llama, tok, max_batch=4, chunk=16, cache_memory=4 * 8 * per_token)
+
+
+def test_penalties_follow_openai():
+    """logit - frequency * count - presence * (count > 0), on generated tokens only."""
+    from ouvert.serve.engine import apply_penalties
+
+    logits = torch.tensor([1.0, 2.0, 3.0])
+    counts = torch.tensor([0.0, 1.0, 3.0])
+    assert apply_penalties(logits, counts, presence=0.5, frequency=0.25).tolist() == [1.0, 1.25, 1.75]
+
+
+def test_a_long_prompt_does_not_stall_running_streams(llama, tok):
+    """Chunked prefill: while a 10-chunk prompt is prefilled, two chunks a step, a running stream
+    still gets a token at every step, and the new request joins the batch when its prompt is in."""
+    engine = Engine(llama, tok, max_batch=2, chunk=16, prefill_chunks=2)
+    a, b = [], []
+    engine.submit(Request(tok.encode("Hi"), 40, temperature=0, ignore_eos=True), a.append)
+    engine.step()
+    engine.submit(Request(list(range(1000, 1160)), 8, temperature=0, ignore_eos=True), b.append)
+    for step in range(1, 6):
+        before = len(a)
+        engine.step()
+        assert len(a) == before + 1  # one token for the running stream, every step
+        assert (len(b) > 0) == (step == 5)  # 160 tokens = 10 chunks = 5 steps, then its first token
+    assert engine.running == 2
