@@ -55,7 +55,7 @@ def write_data(out: Path, seed: int = 0, n_sft: int = 4000, n_rl: int = 2000, n_
     return files
 
 
-def run(out: Path, sft_steps: int = 600, grpo_steps: int = 80, seed: int = 0, progress: bool = True) -> dict:
+def run(out: Path, sft_steps: int = 600, grpo_steps: int = 60, seed: int = 0, progress: bool = True) -> dict:
     from ouvert.checkpoint.hf import load_model
     from ouvert.tokenizer import load_tokenizer, train_tokenizer
     from ouvert.train.grpo import accuracy
@@ -78,8 +78,8 @@ def run(out: Path, sft_steps: int = 600, grpo_steps: int = 80, seed: int = 0, pr
 
     before = accuracy(load_model(sft_ckpt), tok, val, 8, prompt_ids)
     grpo = TrainConfig(objective="grpo", data=str(files["rl"]), val_data=str(files["val"]), init_from=str(sft_ckpt),
-                       out_dir=str(out / "grpo"), batch_size=16, group_size=8, grpo_updates=2, max_steps=grpo_steps,
-                       lr=5e-4, min_lr=5e-4, warmup_steps=0, schedule="constant", beta=0.02, max_new_tokens=8,
+                       out_dir=str(out / "grpo"), batch_size=32, group_size=8, grpo_updates=2, max_steps=grpo_steps,
+                       lr=1e-4, min_lr=1e-4, warmup_steps=0, schedule="constant", beta=0.02, max_new_tokens=8,
                        eval_every=max(grpo_steps // 3, 1), weight_decay=0.0, **common)
     grpo_ckpt = train(grpo)
     after = accuracy(load_model(grpo_ckpt), tok, val, 8, prompt_ids)
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/arithmetic")
     ap.add_argument("--sft-steps", type=int, default=600)
-    ap.add_argument("--grpo-steps", type=int, default=80)
+    ap.add_argument("--grpo-steps", type=int, default=60)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     r = run(Path(a.out), a.sft_steps, a.grpo_steps, a.seed)
