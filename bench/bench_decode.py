@@ -1,0 +1,389 @@
+"""Prefill and decode speed of ouvert against transformers, batch 1 on CPU, with the ceilings beside.
+
+For each shape (an ouvert preset) a random model is built once (init_weights, std 0.02), saved with
+ouvert.save_model into bench/out/ in each dtype, and both libraries load that same checkpoint:
+ouvert.load_model and transformers' AutoModelForCausalLM.from_pretrained. Per dtype, both models
+are loaded side by side and their repeats interleave, so that load on the machine hits both alike.
+
+  prefill tokens/s  prompt_len / time of one forward over a random prompt that fills a fresh cache
+                    (ouvert: generate.decode.prefill; transformers: forward with use_cache=True and
+                    logits_to_keep=1, what its generate does), best of --repeats.
+  decode tokens/s   (new_tokens - 1) / time from the first generated token to the last, greedy, taken
+                    from ouvert.generate's on_token callback and from a transformers streamer; no early
+                    stop (ouvert: stop_token_ids=[]; transformers: min_new_tokens=max_new_tokens).
+
+Ceilings, measured in the same run with the same thread count, at the start and before every
+repeat (the best sample counts, as the best repeat does):
+  decode   read bandwidth (a sum over a 2 GiB tensor, well past the L3 cache) / bytes read per
+           token: every weight once (the embedding matrix once, via the head, when tied; one row of
+           it when not; k of the E routed experts) plus the KV cache at the mean context.
+  prefill  matmul peak (a 2048^3 matmul in that dtype) / FLOPs per token: 2 per weight (not the
+           embedding, nor the head, which runs on the last position only) plus causal attention.
+
+Ends with one line of JSON holding every figure.
+
+    .venv/bin/python bench/bench_decode.py                    # full run, both shapes, both dtypes
+    .venv/bin/python bench/bench_decode.py --shapes smollm2-135m --dtypes float32 \
+        --prompt-len 64 --new-tokens 8 --repeats 1            # a quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import ouvert
+from ouvert.config import ModelConfig
+from ouvert.generate.cache import Cache
+from ouvert.generate.decode import prefill
+
+OUT = Path(__file__).resolve().parent / "out"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+LIBS = ("ouvert", "transformers")
+
+
+# ---- checkpoints ------------------------------------------------------------------------------
+
+
+def ensure_checkpoints(cfg: ModelConfig, name: str, dtypes: list[str], seed: int = 0, rebuild: bool = False) -> dict:
+    """Save a random model of `cfg` as OUT/{name}-seed{seed}-{dtype} for each dtype (all from one
+    float32 init, so the dtypes hold the same model); reuse directories already there."""
+    paths = {d: OUT / f"{name}-seed{seed}-{d}" for d in dtypes}
+    todo = [d for d, p in paths.items() if rebuild or not (p / "config.json").is_file()]
+    todo.sort(key=lambda d: -DTYPES[d].itemsize)  # float32 first: the model is cast down in place
+    if not todo:
+        return paths
+    t0 = time.perf_counter()
+    model = ouvert.Transformer(cfg)
+    model.init_weights(std=0.02, generator=torch.Generator().manual_seed(seed))
+    for d in todo:
+        ouvert.save_model(model.to(DTYPES[d]), paths[d])
+    del model
+    gc.collect()
+    print(f"built {name} ({', '.join(todo)}) in {time.perf_counter() - t0:.0f} s", flush=True)
+    return paths
+
+
+def load(lib: str, path: Path, dtype: str):
+    if lib == "ouvert":
+        return ouvert.load_model(path)  # the stored dtype
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).eval()
+
+
+# ---- ceilings ----------------------------------------------------------------------------------
+
+
+def best_time(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def read_bandwidth(repeats: int, nbytes: int = 2**31) -> float:
+    """Bytes/s that torch reads from memory with the current thread count (a sum over a large tensor)."""
+    x = torch.ones(nbytes // 4, dtype=torch.float32)
+    return nbytes / best_time(lambda: x.sum(), repeats)
+
+
+def copy_bandwidth(repeats: int, nbytes: int = 2**31) -> float:
+    """Bytes/s moved (read + written) by a large tensor copy."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    return 2 * nbytes / best_time(lambda: dst.copy_(src), repeats)
+
+
+def matmul_peak(dtype: torch.dtype, repeats: int, n: int = 2048) -> float:
+    """FLOP/s of an n^3 matmul in `dtype` with the current thread count."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    return 2 * n**3 / best_time(lambda: a @ b, repeats)
+
+
+class Machine:
+    """What the ceilings divide: read bandwidth and matmul peak. Sampled at the start and before every
+    timed repeat, so that they see the same load as the figures; the best sample counts, as the best
+    repeat does."""
+
+    def __init__(self, dtypes: list[str]):
+        self.dtypes = dtypes
+        self.read_gb_s = 0.0
+        self.gflop_s = dict.fromkeys(dtypes, 0.0)
+        self.samples = 0
+        self.copy_gb_s = copy_bandwidth(10) / 1e9  # printed for reference only
+        self.sample(10)
+
+    def sample(self, repeats: int = 3) -> None:
+        self.read_gb_s = max(self.read_gb_s, read_bandwidth(repeats) / 1e9)
+        for d in self.dtypes:
+            self.gflop_s[d] = max(self.gflop_s[d], matmul_peak(DTYPES[d], repeats) / 1e9)
+        self.samples += 1
+
+    def summary(self) -> dict:
+        return {"read_bandwidth_gb_s": self.read_gb_s, "copy_bandwidth_gb_s": self.copy_gb_s,
+                "matmul_gflop_s": self.gflop_s, "machine_samples": self.samples}
+
+    def print(self) -> None:
+        gemm = ", ".join(f"{d} {g:.0f}" for d, g in self.gflop_s.items())
+        print(f"memory bandwidth (best of {self.samples} samples): read {self.read_gb_s:.1f} GB/s, "
+              f"copy (read+write, at the start) {self.copy_gb_s:.1f} GB/s; matmul 2048^3 GFLOP/s: {gemm}")
+
+
+def _param_groups(cfg: ModelConfig) -> dict[str, int]:
+    """Parameter counts by how a decoding token uses them."""
+    with torch.device("meta"):
+        model = ouvert.Transformer(cfg)
+    groups = {"embed": 0, "head": 0, "experts": 0, "other": 0}
+    for name, p in model.named_parameters():  # a tied head shares the embedding: listed once, as embed
+        if name.startswith("mtp."):
+            continue
+        key = "embed" if name == "embed_tokens.weight" else "head" if name == "lm_head.weight" else (
+            "experts" if ".mlp.experts." in name else "other")
+        groups[key] += p.numel()
+    return groups
+
+
+def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
+    """ouvert's cache bytes per token (Cache.nbytes_per_token on a meta-device model)."""
+    with torch.device("meta"):
+        model = ouvert.Transformer(cfg)
+    return Cache(model, 1, 1, dtype=dtype, device="meta").nbytes_per_token()
+
+
+def decode_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, context: int) -> dict[str, int]:
+    g = _param_groups(cfg)
+    active = cfg.num_experts_per_tok / cfg.n_routed_experts if cfg.n_routed_experts else 1.0
+    if cfg.tie_word_embeddings:
+        params = g["embed"] + g["other"] + active * g["experts"]  # the head reads the whole embedding
+    else:
+        params = cfg.hidden_size + g["head"] + g["other"] + active * g["experts"]  # one embedding row
+    size = torch.finfo(dtype).bits // 8
+    weights = int(params * size)
+    kv = kv_bytes_per_token(cfg, dtype) * context
+    return {"weights": weights, "kv_cache": kv, "total": weights + kv}
+
+
+def prefill_flops_per_token(cfg: ModelConfig, prompt_len: int) -> float:
+    g = _param_groups(cfg)
+    active = cfg.num_experts_per_tok / cfg.n_routed_experts if cfg.n_routed_experts else 1.0
+    matmul = 2 * (g["other"] + active * g["experts"])
+    if cfg.is_mla:  # naive MLA over the prompt: per-head q.k and p.v
+        qk, v = cfg.qk_head_dim, cfg.v_head_dim
+    else:
+        qk = v = cfg.head_dim
+    mean_keys = (prompt_len + 1) / 2  # causal
+    attention = 2 * cfg.num_hidden_layers * cfg.num_attention_heads * (qk + v) * mean_keys
+    return matmul + attention
+
+
+# ---- timing ------------------------------------------------------------------------------------
+
+
+class _Clock:
+    """A transformers streamer that only notes when each put() comes: the prompt, then every token."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def run_ouvert(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float, list[int]]:
+    """One prefill timed alone, then one greedy generate. Returns (prefill s, decode s per token, ids)."""
+    tokens = prompt.unsqueeze(0)
+    cache = Cache(model, 1, tokens.shape[1])
+    t0 = time.perf_counter()
+    prefill(model, tokens, torch.ones_like(tokens, dtype=torch.bool), cache)
+    t_prefill = time.perf_counter() - t0
+    del cache
+    times: list[float] = []
+    out = ouvert.generate(
+        model, prompt.tolist(), new_tokens, stop_token_ids=[], on_token=lambda _: times.append(time.perf_counter())
+    )[0]
+    return t_prefill, (times[-1] - times[0]) / max(new_tokens - 1, 1), out
+
+
+def run_transformers(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float, list[int]]:
+    ids = prompt.unsqueeze(0)
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        t_prefill = time.perf_counter() - t0
+        clock = _Clock()
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+            do_sample=False, streamer=clock, pad_token_id=0,
+        )
+    times = clock.times[1:]  # the first put() is the prompt
+    return t_prefill, (times[-1] - times[0]) / max(new_tokens - 1, 1), out[0, ids.shape[1] :].tolist()
+
+
+RUNNERS = {"ouvert": run_ouvert, "transformers": run_transformers}
+
+
+def load_both(paths: dict[str, Path], dtype: str, prompt: torch.Tensor) -> dict:
+    """Both libraries' models of one checkpoint, each warmed up (a full prefill, a few decode steps)."""
+    models = {}
+    for lib in LIBS:
+        t0 = time.perf_counter()
+        models[lib] = load(lib, paths[dtype], dtype)
+        print(f"  {lib} loaded in {time.perf_counter() - t0:.1f} s", flush=True)
+        RUNNERS[lib](models[lib], prompt, 4)
+    return models
+
+
+def measure(models: dict, prompt: torch.Tensor, new_tokens: int, repeats: int, machine: Machine) -> dict:
+    """Time both models, their repeats interleaved; best and median tokens/s of each."""
+    runs: dict[str, list] = {lib: [] for lib in LIBS}
+    for r in range(repeats):
+        machine.sample()
+        for lib in LIBS:
+            runs[lib].append(RUNNERS[lib](models[lib], prompt, new_tokens))
+            p, d, _ = runs[lib][-1]
+            print(f"  [{r + 1}/{repeats}] {lib:12s} prefill {len(prompt) / p:8.1f} tok/s  decode {1 / d:7.2f} tok/s",
+                  flush=True)
+    res = {}
+    for lib in LIBS:
+        prefill_t = [p for p, _, _ in runs[lib]]
+        decode_t = [d for _, d, _ in runs[lib]]
+        res[lib] = {
+            "prefill_tok_s": len(prompt) / min(prefill_t),
+            "prefill_tok_s_median": len(prompt) / statistics.median(prefill_t),
+            "decode_tok_s": 1 / min(decode_t),
+            "decode_tok_s_median": 1 / statistics.median(decode_t),
+        }
+    a, b = runs["ouvert"][-1][2], runs["transformers"][-1][2]
+    same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    res["greedy_tokens_equal"] = same  # leading new tokens on which both libraries agree
+    return res
+
+
+# ---- report ------------------------------------------------------------------------------------
+
+
+def bench_shape(name: str, cfg: ModelConfig, args, machine: Machine, extra=None) -> list[dict]:
+    """All dtypes of one shape: checkpoints, timings, what the ceilings need. `extra(models, dtype)`,
+    if given, adds figures to each row while both models are loaded."""
+    paths = ensure_checkpoints(cfg, name, args.dtypes, args.seed, args.rebuild)
+    prompt = torch.randint(0, cfg.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(args.seed))
+    rows = []
+    for dtype in args.dtypes:
+        print(f"{name} {dtype}", flush=True)
+        models = load_both(paths, dtype, prompt)
+        res = measure(models, prompt, args.new_tokens, args.repeats, machine)
+        if extra is not None:
+            res.update(extra(models, dtype))
+        del models
+        gc.collect()
+        mean_context = args.prompt_len + args.new_tokens // 2
+        rows.append({
+            "shape": name, "dtype": dtype, "params": cfg.num_params(), "new_tokens": args.new_tokens, **res,
+            "decode_bytes_per_token": decode_bytes_per_token(cfg, DTYPES[dtype], mean_context),
+            "prefill_flops_per_token": prefill_flops_per_token(cfg, args.prompt_len),
+        })
+    return rows
+
+
+def add_ceilings(rows: list[dict], machine: Machine) -> None:
+    """Ceilings from the best machine samples of the whole run."""
+    for r in rows:
+        r["decode_ceiling_tok_s"] = machine.read_gb_s * 1e9 / r["decode_bytes_per_token"]["total"]
+        r["prefill_ceiling_tok_s"] = machine.gflop_s[r["dtype"]] * 1e9 / r["prefill_flops_per_token"]
+
+
+def print_table(rows: list[dict]) -> None:
+    head = (f"{'shape':18s} {'dtype':9s} {'phase':8s} {'ouvert':>9s} {'transf.':>9s} {'ratio':>6s} "
+            f"{'ceiling':>9s} {'ouv/ceil':>8s}  (tokens/s, best of repeats)")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        for phase in ("prefill", "decode"):
+            o, t = r["ouvert"][f"{phase}_tok_s"], r["transformers"][f"{phase}_tok_s"]
+            c = r[f"{phase}_ceiling_tok_s"]
+            print(f"{r['shape']:18s} {r['dtype']:9s} {phase:8s} {o:9.1f} {t:9.1f} {o / t:6.2f} {c:9.1f} {o / c:8.0%}")
+    print()
+    for r in rows:
+        b = r["decode_bytes_per_token"]
+        print(f"{r['shape']} {r['dtype']}: decode reads {b['weights'] / 1e6:.0f} MB of weights + "
+              f"{b['kv_cache'] / 1e6:.1f} MB of KV cache per token; prefill {r['prefill_flops_per_token'] / 1e9:.2f} "
+              f"GFLOP per token; greedy tokens equal: {r['greedy_tokens_equal']}/{r['new_tokens']}")
+
+
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    """The flags bench_decode.py and bench_deepseek.py share."""
+    p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated: float32, bfloat16")
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per library; the best is reported")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rebuild", action="store_true", help="rewrite the cached checkpoints in bench/out/")
+
+
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    args.dtypes = args.dtypes.split(",")
+    if set(args.dtypes) - DTYPES.keys():
+        p.error(f"--dtypes: choose from {', '.join(DTYPES)}")
+    if args.new_tokens < 2:
+        p.error("--new-tokens must be at least 2 (decode speed is timed from the first new token to the last)")
+    return args
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", default="smollm2-135m,llama-3.2-1b", help="comma-separated ouvert presets")
+    add_common_args(p)
+    args = check_args(p, p.parse_args(argv))
+    args.shapes = args.shapes.split(",")
+    return args
+
+
+def setup(args) -> dict:
+    """Thread count, versions and settings for the JSON; warns when the machine is busy already."""
+    torch.set_num_threads(args.threads)
+    import transformers
+
+    load = os.getloadavg()[0]
+    omp = os.environ.get("OMP_WAIT_POLICY")
+    if load > 0.5:
+        print(f"warning: load average {load:.1f} before the run; other processes will slow the timings"
+              + ("" if omp else " (OMP_WAIT_POLICY=PASSIVE limits the damage, see bench/README.md)"), flush=True)
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "ouvert": ouvert.__version__,
+            "threads": args.threads, "batch": 1, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+            "repeats": args.repeats, "load_average_start": load, "omp_wait_policy": omp}
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    info = setup(args)
+    t0 = time.perf_counter()
+    machine = Machine(args.dtypes)
+    rows = []
+    for name in args.shapes:
+        rows += bench_shape(name, ouvert.preset(name), args, machine)
+    add_ceilings(rows, machine)
+    print()
+    machine.print()
+    print_table(rows)
+    print(f"total {time.perf_counter() - t0:.0f} s; load average {info['load_average_start']:.1f} at the start, "
+          f"{os.getloadavg()[0]:.1f} at the end; OMP_WAIT_POLICY={info['omp_wait_policy']}")
+    print(json.dumps({"bench": "decode", **info, **machine.summary(), "results": rows}))
+
+
+if __name__ == "__main__":
+    main()
