@@ -57,7 +57,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ouvert.checkpoint.hf import CheckpointError
+from ouvert.checkpoint.hf import CheckpointError, assign_weights, build_on_meta
 from ouvert.checkpoint.meta import rope_halves_to_pairs, rope_pairs_to_halves
 from ouvert.config import ConfigError, ModelConfig
 from ouvert.model import Transformer
@@ -843,12 +843,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype | None = None, device: str | 
         dtype = {0: torch.float32, 1: torch.float16, 32: torch.bfloat16}.get(ft, torch.float32)
     cfg.torch_dtype = str(dtype).removeprefix("torch.")
 
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    expected = dict(model.named_parameters())
-    expected.update((k, v) for k, v in model.named_buffers() if k in model.state_dict())
-    if cfg.tie_word_embeddings:
-        expected.pop("lm_head.weight", None)
+    model, expected = build_on_meta(cfg)
     used = {"rope_freqs.weight"}
     state: dict[str, Tensor] = {}
     for name, meta in expected.items():
@@ -873,12 +868,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype | None = None, device: str | 
     unused = [n for n in tensors if n not in used]
     if unused:
         warnings.warn(f"{path}: {len(unused)} tensor(s) not used by {arch}: {', '.join(unused[:5])}", stacklevel=2)
-    model.load_state_dict(state, strict=False, assign=True)
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    model.reset_buffers()
-    model.inv_freq = model.inv_freq.to(device)
-    return model.eval()
+    return assign_weights(model, state, device)
 
 
 def gguf_tokenizer(path: str | Path):

@@ -273,12 +273,7 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
         cfg.num_nextn_predict_layers = present
     _check_mtp_copies(cfg, files, path)
 
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    expected = dict(model.named_parameters())
-    expected.update((k, v) for k, v in model.named_buffers() if k in model.state_dict())
-    if cfg.tie_word_embeddings:
-        expected.pop("lm_head.weight", None)
+    model, expected = build_on_meta(cfg)
 
     used: set[str] = set()
     state: dict[str, torch.Tensor] = {}
@@ -320,13 +315,32 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
         names = ", ".join(unused[:5])
         warnings.warn(f"{path}: {len(unused)} weight(s) not used by {cfg.model_type}: {names}", stacklevel=2)
 
-    model.load_state_dict(state, strict=False, assign=True)
+    model = assign_weights(model, state, device)
+    if fp8:
+        cfg.extra.pop("quantization_config", None)  # what we hold now is dequantized
+    return model
+
+
+def build_on_meta(cfg: ModelConfig) -> tuple[Transformer, dict[str, torch.Tensor]]:
+    """The model on the meta device (no memory, no random init), and the tensors a checkpoint
+    must supply: parameters and persistent buffers, the tied head excepted."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = dict(model.named_parameters())
+    expected.update((k, v) for k, v in model.named_buffers() if k in model.state_dict())
     if cfg.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    return model, expected
+
+
+def assign_weights(model: Transformer, state: dict[str, torch.Tensor], device) -> Transformer:
+    """Put loaded tensors in place of the meta ones (assign=True: no copy), re-tie the head,
+    and compute the rotary tables on the device."""
+    model.load_state_dict(state, strict=False, assign=True)
+    if model.config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.reset_buffers()
     model.inv_freq = model.inv_freq.to(device)
-    if fp8:
-        cfg.extra.pop("quantization_config", None)  # what we hold now is dequantized
     return model.eval()
 
 

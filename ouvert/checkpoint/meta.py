@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ouvert.checkpoint.hf import CheckpointError  # hf imports this module lazily: no cycle
+from ouvert.checkpoint.hf import CheckpointError, assign_weights, build_on_meta  # hf imports this lazily
 from ouvert.config import ConfigError, ModelConfig
 from ouvert.model import Transformer
 
@@ -191,11 +191,7 @@ def load_meta(path: str | Path, dtype: torch.dtype | None = None, device: str | 
     path = Path(path)
     shards = _open_shards(path)
     cfg = read_meta_config(path, shards)
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    expected = dict(model.named_parameters())
-    if cfg.tie_word_embeddings:
-        expected.pop("lm_head.weight", None)
+    model, expected = build_on_meta(cfg)
     state: dict[str, Tensor] = {}
     used: set[str] = set()
     for name, meta in expected.items():
@@ -213,13 +209,9 @@ def load_meta(path: str | Path, dtype: torch.dtype | None = None, device: str | 
     unused = [k for k in unused if not _IGNORED.match(k)]
     if unused:
         warnings.warn(f"{path}: {len(unused)} weight(s) not used by llama: {', '.join(unused[:5])}", stacklevel=2)
-    model.load_state_dict(state, strict=False, assign=True)
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    model.reset_buffers()
-    model.inv_freq = model.inv_freq.to(device)
+    model = assign_weights(model, state, device)
     cfg.torch_dtype = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
-    return model.eval()
+    return model
 
 
 def export_hf(model_dir: str | Path, out: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
