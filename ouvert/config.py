@@ -217,6 +217,8 @@ class ModelConfig:
         for f in dataclasses.fields(self):
             if f.name not in skip:
                 out[f.name] = getattr(self, f.name)
+        if self.is_mla:  # transformers reads head_dim as the rotary width of an MLA model
+            out["head_dim"] = self.qk_rope_head_dim
         out["rope_scaling"] = dict(self.rope_scaling) if self.rope_scaling else None
         if self.torch_dtype:
             out["torch_dtype"] = self.torch_dtype

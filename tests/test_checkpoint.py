@@ -177,3 +177,24 @@ def test_name_table_round_trip():
                 assert hfmod.our_name(k, cfg) == (name, e if len(keys) > 1 else None), k
     assert hfmod.hf_names("mtp.0.block.mlp.experts.up_proj", ds)[3] == "model.layers.2.mlp.experts.3.up_proj.weight"
     assert hfmod.hf_names("mtp.0.norm.weight", ds) == ["model.layers.2.shared_head.norm.weight"]
+
+
+def test_deepseek_built_here_runs_in_transformers(tmp_path):
+    """A V3 config made by ouvert (hidden / heads != qk_rope_head_dim) saves a config.json that
+    transformers runs: it reads head_dim as the rotary width."""
+    from transformers import AutoModelForCausalLM
+
+    from ouvert import ModelConfig, Transformer
+
+    cfg = ModelConfig(model_type="deepseek_v3", vocab_size=64, hidden_size=64, intermediate_size=96,
+                      num_hidden_layers=2, num_attention_heads=4, q_lora_rank=16, kv_lora_rank=16,
+                      qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=4, num_experts_per_tok=2,
+                      n_shared_experts=1, moe_intermediate_size=16, first_k_dense_replace=1, n_group=1, topk_group=1,
+                      topk_method="noaux_tc", scoring_func="sigmoid", norm_topk_prob=True, max_position_embeddings=64)
+    model = Transformer(cfg)
+    model.init_weights(std=0.2, generator=torch.Generator().manual_seed(0))
+    ouvert.save_model(model, tmp_path / "v3")
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "v3").eval()
+    x = torch.randint(0, 64, (1, 20))
+    with torch.no_grad():
+        assert (theirs(x).logits - model(x)).abs().max() < 1e-4
