@@ -42,14 +42,21 @@ def make_hf_model(arch: str = "llama", seed: int = 0, **config):
     }[arch]
     torch.manual_seed(seed)
     cfg = getattr(transformers, cls_cfg)(**config)
-    model = getattr(transformers, cls_model)(cfg).eval()
-    # HF inits biases to 0 and norms to 1, which would hide a bias or norm mapped to the wrong place.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0.0, 0.1)
-            elif "norm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+    return perturb(getattr(transformers, cls_model)(cfg).eval())
+
+
+@torch.no_grad()
+def perturb(model):
+    """HF inits biases to 0, norms to 1 and DeepSeek's routing correction bias to 0, which would
+    hide any of them mapped to the wrong place: give them random values."""
+    for name, p in model.named_parameters():
+        if name.endswith("bias"):
+            p.normal_(0.0, 0.1)
+        elif "norm" in name:
+            p.copy_(1.0 + 0.1 * torch.randn_like(p))
+    for name, b in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            b.copy_(0.3 * torch.randn_like(b))
     return model
 
 

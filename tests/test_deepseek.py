@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import perturb
 from safetensors.torch import load_file, save_file
 
 import ouvert
@@ -66,15 +67,7 @@ def make_hf_deepseek(kind: str, q_lora_rank: int | None, seed: int = 0, **overri
     else:
         config.setdefault("topk_method", "group_limited_greedy")
         model = transformers.DeepseekV2ForCausalLM(transformers.DeepseekV2Config(norm_topk_prob=False, **config))
-    model.eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.copy_(0.3 * torch.randn_like(b))
-    return model
+    return perturb(model.eval())
 
 
 CKPTS = [("v3", 24), ("v3", None), ("v2", 24), ("v2", None)]

@@ -25,7 +25,10 @@ import gguf  # noqa: E402
 import numpy as np
 import pytest
 import torch
-from conftest import make_hf_model  # noqa: E402
+from conftest import (
+    make_hf_model,  # noqa: E402
+    perturb,
+)
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 from safetensors.torch import load_file
 
@@ -92,14 +95,7 @@ def deepseek_dir(tmp_path_factory, tok_dir):
     tok = load_tokenizer(tok_dir)
     torch.manual_seed(2)
     cfg = transformers.DeepseekV3Config(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **DEEPSEEK)
-    hf = transformers.DeepseekV3ForCausalLM(cfg).eval()
-    with torch.no_grad():  # HF inits norms to 1 and the correction bias to 0: either would hide a mix-up
-        for name, p in hf.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-        for name, b in hf.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.copy_(0.3 * torch.randn_like(b))
+    hf = perturb(transformers.DeepseekV3ForCausalLM(cfg).eval())
     d = tmp_path_factory.mktemp("deepseek")
     hf.save_pretrained(d)
     assert "scoring_func" not in json.loads((d / "config.json").read_text())  # what transformers 5 writes
