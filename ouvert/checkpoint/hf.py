@@ -22,6 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ouvert.checkpoint import manifest
 from ouvert.config import ConfigError, ModelConfig
 from ouvert.model import Transformer
 
@@ -397,9 +398,11 @@ def save_model(
     max_shard_bytes: int = 5 * 2**30,
     state_dict: dict[str, torch.Tensor] | None = None,
     extra: Callable[[Path], None] | None = None,
+    provenance: dict | None = None,
 ) -> Path:
     """Write a HF checkpoint directory: config.json, generation_config.json, safetensors
-    (sharded above max_shard_bytes, with model.safetensors.index.json), the tokenizer's files.
+    (sharded above max_shard_bytes, with model.safetensors.index.json), the tokenizer's files,
+    and ouvert.json (checkpoint/manifest.py) with the weight hashes and `provenance`'s fields.
 
     Written into a temporary directory beside `path`, then renamed over it: a failure (a full
     disk) leaves whatever was at `path` untouched. `state_dict` (our names) replaces the model's
@@ -410,6 +413,7 @@ def save_model(
         _write(model, tmp, tokenizer, max_shard_bytes, state_dict)
         if extra is not None:
             extra(tmp)
+        manifest.write(tmp, manifest.build(tmp, json.loads((tmp / "config.json").read_text()), provenance))
 
     return write_atomically(path, write)
 

@@ -1,0 +1,188 @@
+"""ouvert.json: where a checkpoint came from.
+
+Every checkpoint directory ouvert writes carries one. It records the code (ouvert's version, git
+commit, whether the tree was dirty), the model config, the tokenizer's hash, the sha256 of each
+weight file and, for trained checkpoints, the full training config, the data shards by hash, the
+tokens seen, seed, world size, hardware, wall-clock time and final metrics, and the parent
+checkpoint's hash for fine-tunes. Evaluations add their results under "eval".
+
+A checkpoint's identity (`checkpoint_sha256`) is the hash of its weight files' hashes, so it does
+not change when ouvert.json itself gains eval results or a model card is written beside it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MANIFEST = "ouvert.json"
+FORMAT = 1
+
+
+class ManifestError(ValueError):
+    pass
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def weight_files(path: str | Path) -> list[Path]:
+    """The files that hold a checkpoint's tensors: model*.safetensors, or a LoRA adapter's."""
+    path = Path(path)
+    return sorted(path.glob("model*.safetensors")) + sorted(path.glob("adapter_model.safetensors"))
+
+
+def weight_hashes(path: str | Path) -> dict[str, str]:
+    return {f.name: sha256_file(f) for f in weight_files(path)}
+
+
+def combined_hash(hashes: dict[str, str]) -> str:
+    lines = "".join(f"{name} {h}\n" for name, h in sorted(hashes.items()))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def checkpoint_hash(path: str | Path) -> str:
+    """The identity of a checkpoint directory, from its weight files as they are on disk now."""
+    hashes = weight_hashes(path)
+    if not hashes:
+        raise ManifestError(f"{path}: no weight files (model*.safetensors) to hash")
+    return combined_hash(hashes)
+
+
+def code_version() -> dict[str, Any]:
+    """ouvert's version and, when it runs from a git checkout, the commit and whether the tree
+    had uncommitted changes to tracked files."""
+    import ouvert
+
+    out: dict[str, Any] = {"version": ouvert.__version__, "git_commit": None, "git_dirty": None}
+    root = Path(ouvert.__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        return out
+    try:
+        git = ["git", "-C", str(root)]
+        out["git_commit"] = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True,
+                                           check=True).stdout.strip()
+        status = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                text=True, check=True).stdout
+        out["git_dirty"] = bool(status.strip())
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return out
+
+
+def hardware(device: torch.device | str = "cpu") -> dict[str, Any]:
+    device = torch.device(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    hw = {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(), "torch": torch.__version__,
+          "torch_threads": torch.get_num_threads(), "device": device.type}
+    if device.type == "cuda":
+        hw["gpu"] = torch.cuda.get_device_name(device)
+    return hw
+
+
+def parent_record(path: str | Path) -> dict[str, Any]:
+    """What a fine-tune names as its parent: the path, the weights' identity, and the parent's own
+    parent hash if it has an ouvert.json (so a chain of fine-tunes can be walked)."""
+    path = Path(path)
+    rec: dict[str, Any] = {"path": str(path.resolve()), "checkpoint_sha256": checkpoint_hash(path)}
+    try:
+        m = read(path)
+        rec["ouvert_commit"] = m.get("ouvert", {}).get("git_commit")
+    except ManifestError:
+        rec["ouvert_json"] = False  # a checkpoint from a hub, not written by ouvert
+    return rec
+
+
+def build(path: Path, model_config: dict, fields: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The manifest of the checkpoint whose files are already written in `path`."""
+    tok = path / "tokenizer.json"
+    hashes = weight_hashes(path)
+    record: dict[str, Any] = {
+        "format": FORMAT,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "ouvert": code_version(),
+        "model_config": model_config,
+        "tokenizer_sha256": sha256_file(tok) if tok.is_file() else None,
+    }
+    record.update(fields or {})
+    record["weights"] = hashes
+    record["checkpoint_sha256"] = combined_hash(hashes) if hashes else None
+    return record
+
+
+def write(path: str | Path, record: dict[str, Any]) -> None:
+    """Write ouvert.json into `path` through a temporary file and a rename."""
+    path = Path(path)
+    tmp = path / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False, default=str) + "\n")
+    tmp.rename(path / MANIFEST)
+
+
+def read(path: str | Path) -> dict[str, Any]:
+    f = Path(path) / MANIFEST
+    if not f.is_file():
+        raise ManifestError(f"{f}: missing; this checkpoint has no provenance record "
+                            "(not written by ouvert, or the file was removed)")
+    try:
+        record = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"{f}: not valid JSON ({e})") from None
+    if not isinstance(record, dict) or "weights" not in record:
+        raise ManifestError(f"{f}: no 'weights' entry; not an ouvert provenance record")
+    return record
+
+
+def record_eval(path: str | Path, task: str, metrics: dict[str, Any]) -> None:
+    """Add (or replace) one task's results under "eval" in the checkpoint's ouvert.json. A
+    checkpoint without one gets a minimal record, so eval results are never lost."""
+    path = Path(path)
+    try:
+        record = read(path)
+    except ManifestError:
+        if (path / MANIFEST).is_file():
+            raise
+        config = path / "config.json"
+        record = build(path, json.loads(config.read_text()) if config.is_file() else {})
+    record.setdefault("eval", {})[task] = {
+        **metrics, "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+    write(path, record)
+
+
+def verify(path: str | Path) -> list[str]:
+    """Problems found comparing the weight files on disk with ouvert.json; [] when they match."""
+    path = Path(path)
+    record = read(path)
+    problems = []
+    recorded: dict[str, str] = record["weights"]
+    on_disk = {f.name for f in weight_files(path)}
+    for name, expected in sorted(recorded.items()):
+        f = path / name
+        if not f.is_file():
+            problems.append(f"{f}: missing (recorded in {MANIFEST})")
+        elif (actual := sha256_file(f)) != expected:
+            problems.append(f"{f}: sha256 {actual[:16]}... does not match {MANIFEST} ({expected[:16]}...)")
+    for name in sorted(on_disk - set(recorded)):
+        problems.append(f"{path / name}: not recorded in {MANIFEST}")
+    if not recorded:
+        problems.append(f"{path / MANIFEST}: records no weight files")
+    return problems
