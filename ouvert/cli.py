@@ -1,4 +1,4 @@
-"""The `ouvert` command: generate, chat, info, init.
+"""The `ouvert` command: generate, chat, info, init, train, data, serve, export, card, verify, reproduce.
 
 Each subcommand is a thin function over the library; errors print one plain line and exit 2.
 """
@@ -12,8 +12,11 @@ from pathlib import Path
 
 import torch
 
+from ouvert.card import add_card_parsers
 from ouvert.checkpoint.gguf import add_export_parser
+from ouvert.quantize import add_quantize_parser
 from ouvert.serve.cli import add_serve_parser
+from ouvert.train.reproduce import add_reproduce_parser
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -233,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_data_prepare)
     add_serve_parser(sub)
     add_export_parser(sub)
+    add_quantize_parser(sub)
+    add_card_parsers(sub)
+    add_reproduce_parser(sub)
     return ap
 
 

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from ouvert.checkpoint import manifest
 from ouvert.checkpoint.hf import load_model, read_config, save_model
 from ouvert.config import preset
 from ouvert.data import read_manifest
@@ -289,10 +290,13 @@ def train(c: TrainConfig, resume: bool = False) -> Path:
     model = D.wrap(model, d, c.distributed)
     trainable = [p for p in raw.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(param_groups(raw, c.weight_decay), lr=c.lr, betas=(c.beta1, c.beta2), eps=c.eps)
-    step = 0
+    step, tokens_seen, wall_before = 0, 0, 0.0
     if start_ckpt is not None:
-        step = _restore(start_ckpt, model, optimizer, task, d, lora_only=bool(c.lora_rank))
+        state = _restore(start_ckpt, model, optimizer, task, d, lora_only=bool(c.lora_rank))
+        step, tokens_seen, wall_before = state["step"], state.get("tokens_seen", 0), state.get("wall_clock_s", 0.0)
         D.print0(d, f"resumed from {start_ckpt} at step {step}")
+    provenance = run_provenance(c, d) if d.is_main else {}
+    t_start = time.perf_counter()
     if c.compile:
         model = torch.compile(model)
 
@@ -326,6 +330,7 @@ def train(c: TrainConfig, resume: bool = False) -> Path:
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + float(v) / c.grad_accum
             tok_since += task.tokens(batch) * d.world_size
+            tokens_seen += task.tokens(batch) * d.world_size
             for acc, m in zip(counts, moes):
                 if m.last_counts is not None:  # an MTP module's MoE only runs with the MTP loss on
                     acc += m.last_counts.to(acc.dtype)
@@ -371,7 +376,10 @@ def train(c: TrainConfig, resume: bool = False) -> Path:
             if bar is not None:
                 bar.write(f"--- sample at step {step} ---\n{text}\n---")
         if (c.save_every and step % c.save_every == 0) or step == end:
-            last_ckpt = save_checkpoint(out, step, model, optimizer, task, c, d, tokenizer, record)
+            run = {"step": step, "tokens_seen": tokens_seen,
+                   "wall_clock_s": round(wall_before + time.perf_counter() - t_start, 3)}
+            last_ckpt = save_checkpoint(out, step, model, optimizer, task, c, d, tokenizer, history,
+                                        {**provenance, **run})
     if bar is not None:
         bar.close()
     if d.is_main and step == c.max_steps and last_ckpt is not None:
@@ -403,10 +411,44 @@ def sample_text(model, tokenizer, c: TrainConfig) -> str:
     return tokenizer.decode(ids + out[0], skip_special_tokens=True)
 
 
+def run_provenance(c: TrainConfig, d: D.Dist) -> dict[str, Any]:
+    """What ouvert.json records of a training run, beside the model and weights: the whole config,
+    the data by hash, seed, world size, hardware, and the parent checkpoint of a fine-tune."""
+    rec: dict[str, Any] = {"train_config": dataclasses.asdict(c), "seed": c.seed, "world_size": d.world_size,
+                           "hardware": manifest.hardware(d.device), "data": data_provenance(c)}
+    if c.init_from:
+        rec["parent"] = manifest.parent_record(c.init_from)
+    return rec
+
+
+def data_provenance(c: TrainConfig) -> dict[str, Any]:
+    """Pretraining: the token shards as `ouvert data prepare` hashed them, and the manifest's own
+    hash. Fine-tuning: the sha256 of the JSONL files."""
+    if c.objective == "pretrain":
+        m = read_manifest(c.data)
+        shards = [{"split": split, **s} for split in ("train", "val") for s in m[split]]
+        return {"dir": str(Path(c.data).resolve()),
+                "manifest_sha256": manifest.sha256_file(Path(c.data) / "manifest.json"),
+                "tokenizer_sha256": m["tokenizer_sha256"], "train_tokens": m["train_tokens"],
+                "val_tokens": m["val_tokens"], "shards": shards, "sources": m["sources"]}
+    files = [(role, p) for role, p in (("train", c.data), ("val", c.val_data)) if p]
+    return {"files": [{"role": role, "path": str(Path(p).resolve()), "sha256": manifest.sha256_file(p)}
+                      for role, p in files]}
+
+
+def final_metrics(history: list[dict]) -> dict[str, float]:
+    """The latest value of every metric logged (val_* come from the last evaluation)."""
+    out: dict[str, float] = {}
+    for r in history:
+        out.update({k: v for k, v in r.items() if k not in ("step", "lr")})
+    return out
+
+
 def save_checkpoint(out: Path, step: int, model, optimizer, task, c: TrainConfig, d: D.Dist, tokenizer,
-                    record: dict) -> Path:
+                    history: list[dict], provenance: dict[str, Any]) -> Path:
     """step-NNNNNN/: HF layout (or, with LoRA, the adapter in PEFT's layout) + train_state/
-    (optimizer, data position, RNG). Atomic; keeps the last few."""
+    (optimizer, data position, RNG) + ouvert.json (provenance) + metrics.jsonl (the history so far,
+    for the model card's loss curve). Atomic; keeps the last few."""
     from ouvert.checkpoint.hf import write_atomically
     from ouvert.train import lora
 
@@ -421,19 +463,24 @@ def save_checkpoint(out: Path, step: int, model, optimizer, task, c: TrainConfig
             torch.save(osd, ts / "optimizer.pt")
             torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
                         "python": random.getstate()}, ts / "rng.pt")
-            state = {"step": step, "task": task.state_dict(), "world_size": d.world_size, "metrics": record}
+            state = {"step": step, "task": task.state_dict(), "world_size": d.world_size,
+                     "tokens_seen": provenance["tokens_seen"], "wall_clock_s": provenance["wall_clock_s"],
+                     "metrics": history[-1] if history else {}}
             (ts / "state.json").write_text(json.dumps(state, indent=2))
             (tmp / "train_config.json").write_text(json.dumps(dataclasses.asdict(c), indent=2))
+            (tmp / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
 
+        fields = {**provenance, "metrics": final_metrics(history)}
         if lora.lora_modules(raw):
             def write_adapter(tmp: Path) -> None:
                 lora.save_adapter(raw, tmp, base=c.init_from, state=msd)
                 tokenizer.save(tmp)
                 write_state(tmp)
+                manifest.write(tmp, manifest.build(tmp, raw.config.to_hf(), fields))
 
             write_atomically(path, write_adapter)
         else:
-            save_model(raw, path, tokenizer=tokenizer, state_dict=msd, extra=write_state)
+            save_model(raw, path, tokenizer=tokenizer, state_dict=msd, extra=write_state, provenance=fields)
         kept = sorted(p for p in out.glob("step-*") if p.is_dir())
         for old in kept[: -c.keep_last] if c.keep_last > 0 else []:
             shutil.rmtree(old)
@@ -442,7 +489,7 @@ def save_checkpoint(out: Path, step: int, model, optimizer, task, c: TrainConfig
     return path
 
 
-def _restore(ckpt: Path, model, optimizer, task, d: D.Dist, lora_only: bool = False) -> int:
+def _restore(ckpt: Path, model, optimizer, task, d: D.Dist, lora_only: bool = False) -> dict:
     from safetensors.torch import load_file
 
     from ouvert.checkpoint.hf import hf_state_dict_to_ours
@@ -462,7 +509,7 @@ def _restore(ckpt: Path, model, optimizer, task, d: D.Dist, lora_only: bool = Fa
     torch.set_rng_state(rng["torch"])
     np.random.set_state(rng["numpy"])
     random.setstate(rng["python"])
-    return state["step"]
+    return state
 
 
 def _read_history(path: Path, step: int) -> list[dict]:
