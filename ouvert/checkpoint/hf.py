@@ -261,6 +261,10 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
                 f"weight_block_size {qc.get('weight_block_size')!r}"
             )
         dtype = dtype or torch.bfloat16
+    elif qc:  # ouvert's int8 / int4: unknown methods and schemes fail here, naming them
+        from ouvert.quantize import read_quantization_config
+
+        read_quantization_config(qc, path / "config.json")
 
     # DeepSeek-V3 configs say num_nextn_predict_layers=1 whether or not the file holds the MTP
     # layer (transformers writes it for every V3 and drops the weights). A checkpoint without MTP
@@ -319,14 +323,24 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
     model = assign_weights(model, state, device)
     if fp8:
         cfg.extra.pop("quantization_config", None)  # what we hold now is dequantized
+    elif qc:
+        from ouvert.quantize import pack_for_kernels
+
+        pack_for_kernels(model)  # int4: the CPU kernel's own layout, made from the portable one
     return model
 
 
 def build_on_meta(cfg: ModelConfig) -> tuple[Transformer, dict[str, torch.Tensor]]:
     """The model on the meta device (no memory, no random init), and the tensors a checkpoint
-    must supply: parameters and persistent buffers, the tied head excepted."""
+    must supply: parameters and persistent buffers, the tied head excepted. An ouvert int8 / int4
+    config (quantization_config) gets its quantized Linears (ouvert/quantize.py)."""
     with torch.device("meta"):
         model = Transformer(cfg)
+    qc = cfg.extra.get("quantization_config") or {}
+    if qc and qc.get("quant_method") != "fp8":
+        from ouvert.quantize import prepare_for_load
+
+        prepare_for_load(model, qc, "config.json")
     expected = dict(model.named_parameters())
     expected.update((k, v) for k, v in model.named_buffers() if k in model.state_dict())
     if cfg.tie_word_embeddings:
