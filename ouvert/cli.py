@@ -179,6 +179,12 @@ def cmd_data_prepare(args) -> None:
           f"from {len(m['sources'])} file(s), {len(m['train'])} train shard(s)")
 
 
+def cmd_eval(args) -> None:
+    from ouvert.eval.run import cmd_eval as run_eval
+
+    run_eval(args)
+
+
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory (Hugging Face layout)")
     p.add_argument("--tokenizer", help="tokenizer directory (default: the model's)")
@@ -234,6 +240,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-field", default="text", help="JSONL field / parquet column holding the text")
     p.add_argument("--workers", type=int, default=None)
     p.set_defaults(func=cmd_data_prepare)
+    p = sub.add_parser("eval", help="perplexity, multiple-choice and generative tasks; results into ouvert.json")
+    p.add_argument("--model", required=True, help="checkpoint directory")
+    p.add_argument("--task", action="append", required=True, help="a .jsonl, a .yaml/.json task spec, text files, "
+                   "a shard directory, or perplexity:PATH (repeat for several)")
+    p.add_argument("--num-fewshot", type=int, default=None, help="solved examples before each (default: the task's)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--limit", type=int, default=None, help="first N documents (files or shards for perplexity)")
+    p.add_argument("--out", help="also write the results JSON here")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: the model's)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: as stored")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--max-length", type=int, default=None, help="tokens per window (default: min(context, 2048))")
+    p.add_argument("--stride", type=int, default=None, help="perplexity window stride (default: max-length / 2)")
+    p.add_argument("--no-record", action="store_true", help="do not write the results into ouvert.json")
+    p.add_argument("--log-samples", action="store_true", help="per-document outputs in the results JSON")
+    p.set_defaults(func=cmd_eval)
     add_serve_parser(sub)
     add_export_parser(sub)
     add_quantize_parser(sub)
