@@ -29,6 +29,10 @@ MC = [
     {"context": "A horse! a horse!", "choices": ["my kingdom", "for a horse", "the end"], "label": 2},
 ]
 
+PROMPTS = ["Question: who is the prince of Denmark?\nAnswer:", "Q: what is the moon made of?\nA:", "Say:"]
+TEXTS = ["Tomorrow, and tomorrow, and tomorrow, creeps in this petty pace from day to day. " * 3,  # 123 tokens
+         "Is this a dagger which I see before me?"]
+
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, corpus_tokenizer):
@@ -149,7 +153,7 @@ def test_perplexity_strided_windows(model_dir, ref, tmp_path):
             ours = [(s[a:e], s[e - new + 1 : e + 1]) for a, e, new in w]
             assert ours == [tuple(x) for x in get_rolling_token_windows(s[1:], 0, L, 1)]
     f = tmp_path / "long.txt"
-    f.write_text("Tomorrow, and tomorrow, and tomorrow, creeps in this petty pace from day to day. " * 3)
+    f.write_text(TEXTS[0])
     ids = [tok.bos_token_id, *tok.encode(f.read_text(), add_special_tokens=False)]
     L = 16
     nll = 0.0
@@ -160,7 +164,7 @@ def test_perplexity_strided_windows(model_dir, ref, tmp_path):
     assert m["nll_per_token"] == pytest.approx(nll / (len(ids) - 1), rel=1e-5)
 
 
-def test_perplexity_on_shards(model_dir, ref, tmp_path, corpus_tokenizer):
+def test_perplexity_on_shards(model_dir, ref, tmp_path, corpus_tokenizer, llama3_tokenizer_dir):
     from ouvert.data import prepare
 
     hf, tok = ref
@@ -172,6 +176,8 @@ def test_perplexity_on_shards(model_dir, ref, tmp_path, corpus_tokenizer):
     nll = -ref_logprobs(hf, ids).sum().item()
     assert m["tokens"] == len(ids) - 1 and m["bytes"] == len(text.encode())
     assert m["perplexity"] == pytest.approx(math.exp(nll / (len(ids) - 1)), rel=1e-5)
+    with pytest.raises(TaskError, match="shards were made with another tokenizer"):
+        run(cfg(model_dir, tmp_path / "shards", tokenizer=str(llama3_tokenizer_dir), record=False))
 
 
 def test_verifiers():
@@ -205,13 +211,12 @@ def ref_greedy(hf, tok, prompt: str, max_new: int) -> str:
 
 def test_generative_task_end_to_end(model_dir, ref, tmp_path):
     hf, tok = ref
-    prompts = ["Question: who is the prince of Denmark?\nAnswer:", "Q: what is the moon made of?\nA:", "Say:"]
-    outs = [ref_greedy(hf, tok, p, 8) for p in prompts]
+    outs = [ref_greedy(hf, tok, p, 8) for p in PROMPTS]
     assert any(normalize_answer(o) for o in outs)  # the tiny model says something
     # The first answer is what the model says, the third one differs only in case, articles and punctuation,
     # the second one is wrong: 2 of 3 correct.
-    rows = [{"prompt": prompts[0], "answer": outs[0]}, {"prompt": prompts[1], "answer": outs[1] + " zebra"},
-            {"prompt": prompts[2], "answer": "The " + outs[2].upper() + "!"}]
+    rows = [{"prompt": PROMPTS[0], "answer": outs[0]}, {"prompt": PROMPTS[1], "answer": outs[1] + " zebra"},
+            {"prompt": PROMPTS[2], "answer": "The " + outs[2].upper() + "!"}]
     write_jsonl(tmp_path / "gen.jsonl", rows)
     (tmp_path / "gen.yaml").write_text("name: gen3\npath: gen.jsonl\nmax_new_tokens: 8\nstop: [\"\\n\\n\"]\n")
     res = run(cfg(model_dir, tmp_path / "gen.yaml", log_samples=True, record=False))
@@ -238,38 +243,73 @@ def test_bad_task_errors_from_the_cli(model_dir, tmp_path, capsys):
     (tmp_path / "spec.json").write_text(json.dumps({"path": "bad.jsonl", "shots": 3}))
     assert cli_main(["eval", "--model", str(model_dir), "--task", str(tmp_path / "spec.json")]) == 2
     assert "spec.json: unknown field 'shots'" in capsys.readouterr().err
+    (tmp_path / "spec.json").write_text(json.dumps({"path": "missing.jsonl"}))
+    with pytest.raises(TaskError, match="spec.json: field 'path' names .*missing.jsonl, which does not exist"):
+        load_task(str(tmp_path / "spec.json"))
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"prompt": "a", "answer": "b"}\n{"prompt": "caf\xe9", "answer": "b"}\n')
+    with pytest.raises(TaskError, match="latin1.jsonl:2: not UTF-8"):
+        load_task(str(tmp_path / "latin1.jsonl"))
     (tmp_path / "odd.jsonl").write_text('{"question": "x"}\n')
     with pytest.raises(TaskError, match="odd.jsonl:1: cannot tell the task kind"):
         load_task(str(tmp_path / "odd.jsonl"))
 
 
+def lm_eval_task(name: str, data, body: str) -> str:
+    return (f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+            f"test_split: test\n{body}")
+
+
 def test_lm_eval_adapter_matches_ours(model_dir, tmp_path):
+    """lm_eval's own command, offline, on local YAML tasks of all three request types: the same
+    log-likelihoods, accuracies, bits per byte and generated text as `ouvert eval`."""
     pytest.importorskip("lm_eval")
-    data = write_jsonl(tmp_path / "mc.jsonl", MC)
+    mc = write_jsonl(tmp_path / "mc.jsonl", MC)
+    gen = write_jsonl(tmp_path / "gen.jsonl", [{"prompt": p, "answer": "x"} for p in PROMPTS])
+    ppl = write_jsonl(tmp_path / "ppl.jsonl", [{"text": t} for t in TEXTS])
     tasks = tmp_path / "tasks"
     tasks.mkdir()
-    (tasks / "tiny_mc.yaml").write_text(
-        "task: tiny_mc\ndataset_path: json\n"
-        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
-        "test_split: test\noutput_type: multiple_choice\n"
-        'doc_to_text: "{{context}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{label}}"\n'
-        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n  - metric: acc_bytes\n")
+    (tasks / "tiny_mc.yaml").write_text(lm_eval_task("tiny_mc", mc, (
+        'output_type: multiple_choice\ndoc_to_text: "{{context}}"\ndoc_to_choice: "{{choices}}"\n'
+        'doc_to_target: "{{label}}"\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n  - metric: acc_bytes\n')))
+    (tasks / "tiny_gen.yaml").write_text(lm_eval_task("tiny_gen", gen, (
+        'output_type: generate_until\ndoc_to_text: "{{prompt}}"\ndoc_to_target: "{{answer}}"\n'
+        'generation_kwargs:\n  until: ["\\n\\n"]\n  max_gen_toks: 8\n  do_sample: false\n'
+        "metric_list:\n  - metric: exact_match\n")))
+    (tasks / "tiny_ppl.yaml").write_text(lm_eval_task("tiny_ppl", ppl, (
+        'output_type: loglikelihood_rolling\ndoc_to_text: ""\ndoc_to_target: "{{text}}"\n'
+        "metric_list:\n  - metric: bits_per_byte\n")))
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
            "TOKENIZERS_PARALLELISM": "false"}
     out = tmp_path / "lm_eval_out"
     proc = subprocess.run(
-        [sys.executable, "-m", "ouvert.eval.lm_eval", "--model", "ouvert",
-         "--model_args", f"path={model_dir},device=cpu", "--tasks", "tiny_mc", "--include_path", str(tasks),
+        [sys.executable, "-m", "ouvert.eval.lm_eval", "--model", "ouvert", "--model_args", f"path={model_dir}",
+         "--device", "cpu", "--tasks", "tiny_mc,tiny_gen,tiny_ppl", "--include_path", str(tasks),
          "--batch_size", "4", "--output_path", str(out), "--log_samples"],
         env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    theirs = json.loads(next(out.rglob("results_*.json")).read_text())["results"]["tiny_mc"]
-    res = run(cfg(model_dir, data, record=False, log_samples=True))
+    theirs = json.loads(next(out.rglob("results_*.json")).read_text())["results"]
+
+    def their_samples(task):
+        rows = [json.loads(line) for line in next(out.rglob(f"samples_{task}_*.jsonl")).read_text().splitlines()]
+        return sorted(rows, key=lambda s: s["doc_id"])
+
+    res = run(cfg(model_dir, mc, log_samples=True, record=False))
     ours = res["results"]["mc"]
-    samples = [json.loads(line) for line in next(out.rglob("samples_tiny_mc_*.jsonl")).read_text().splitlines()]
-    for s in sorted(samples, key=lambda s: s["doc_id"]):  # the same log-likelihoods, choice by choice
+    for s in their_samples("tiny_mc"):  # the same log-likelihoods, choice by choice
         theirs_ll = [float(r[0]) for r in s["filtered_resps"]]
         assert theirs_ll == pytest.approx(res["samples"]["mc"][s["doc_id"]]["loglikelihoods"], abs=1e-4)
-    assert theirs["acc,none"] == ours["acc"]
-    assert theirs["acc_norm,none"] == ours["acc_norm"]
-    assert theirs["acc_bytes,none"] == ours["acc_bytes"]
+    for m in ("acc", "acc_norm", "acc_bytes"):
+        assert theirs["tiny_mc"][f"{m},none"] == ours[m]
+
+    gen_spec = tmp_path / "gen.json"
+    gen_spec.write_text(json.dumps({"path": "gen.jsonl", "max_new_tokens": 8}))
+    res = run(cfg(model_dir, gen_spec, log_samples=True, record=False))
+    assert [s["filtered_resps"][0] for s in their_samples("tiny_gen")] == [s["output"] for s in res["samples"]["gen"]]
+
+    files = []
+    for i, t in enumerate(TEXTS):
+        (tmp_path / f"text{i}.txt").write_text(t)
+        files.append(tmp_path / f"text{i}.txt")
+    # lm-eval's rolling windows are disjoint: stride = window
+    m = run(cfg(model_dir, f"perplexity:{tmp_path}/text*.txt", stride=96, record=False))["results"]
+    assert m["perplexity/text*"]["bits_per_byte"] == pytest.approx(theirs["tiny_ppl"]["bits_per_byte,none"], rel=1e-5)

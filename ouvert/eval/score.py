@@ -58,14 +58,17 @@ def score(model, requests: Sequence[tuple[Sequence[int], int]], batch_size: int 
         for r, i in enumerate(rows):
             tokens[r, : lens[r]] = torch.as_tensor(list(requests[i][0][:-1]))
         logits = model(tokens.to(device))  # (B, T, V)
+        sums, greedy = [], []
         for r, i in enumerate(rows):
             ids, n = requests[i]
-            if n == 0:
-                continue
             L = lens[r]
             lp = F.log_softmax(logits[r, L - n : L].float(), dim=-1)  # (n, V): predicts ids[-n:]
-            target = torch.as_tensor(list(ids[-n:]), device=lp.device)
-            out[i] = (lp.gather(1, target[:, None]).sum().item(), bool((lp.argmax(-1) == target).all()))
+            target = torch.as_tensor(list(ids[len(ids) - n :]), device=lp.device)
+            sums.append(lp.gather(1, target[:, None]).sum())
+            greedy.append((lp.argmax(-1) == target).all())
+        # one device-to-host copy per batch, not two per row
+        for i, s, g in zip(rows, torch.stack(sums).tolist(), torch.stack(greedy).tolist()):
+            out[i] = (s, bool(g))
     return out
 
 

@@ -80,8 +80,12 @@ class Task:
 def read_jsonl(path: Path) -> list[dict]:
     """The records of a JSONL file; a line that is not a JSON object is an error naming the line."""
     docs = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise TaskError(f"{path}:{lineno}: not UTF-8 ({e.reason} at byte {e.start})") from None
             if not line.strip():
                 continue
             try:
@@ -165,6 +169,8 @@ def load_task(spec: str, num_fewshot: int | None = None) -> Task:
         task = Task(**{**s, "name": s.get("name", p.stem), "kind": kind or "", "path": str(data)})
         if task.kind == "perplexity" or (not task.kind and (data.suffix != ".jsonl")):
             task.kind = "perplexity"
+        elif not data.is_file():
+            raise TaskError(f"{p}: field 'path' names {data}, which does not exist")
         else:
             _read_docs(task)
     elif p.is_file() and p.suffix == ".jsonl":
