@@ -120,6 +120,23 @@ def test_fewshot_prefix(tmp_path):
         load_task(str(tmp_path / "mc.jsonl"), num_fewshot=6).fewshot_prefix(0)
 
 
+def test_cli_limit_and_fewshot(model_dir, tmp_path, capsys):
+    task = write_jsonl(tmp_path / "mc1.jsonl", MC)
+    out = tmp_path / "r.json"
+    assert cli_main(["eval", "--model", str(model_dir), "--task", str(task), "--device", "cpu", "--limit", "3",
+                     "--num-fewshot", "1", "--out", str(out), "--log-samples"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].split() == ["task", "metric", "value", "n"] and json.loads(printed[-1]) == json.loads(
+        out.read_text())
+    res = json.loads(out.read_text())
+    assert res["results"]["mc1"]["n"] == 3 and res["results"]["mc1"]["num_fewshot"] == 1
+    zero = run(cfg(model_dir, task, limit=3, log_samples=True, record=False))["samples"]["mc1"]
+    assert [s["loglikelihoods"] for s in res["samples"]["mc1"]] != [s["loglikelihoods"] for s in zero]
+    recorded = json.loads((model_dir / "ouvert.json").read_text())["eval"]["mc1"]
+    assert recorded["num_fewshot"] == 1 and recorded["acc"] == res["results"]["mc1"]["acc"]
+    assert cli_main(["eval", "--model", str(model_dir), "--task", str(task), "--limit", "0"]) == 2
+
+
 def test_perplexity_on_text_matches_hand_computed(model_dir, ref, tmp_path):
     hf, tok = ref
     text = "Good night, good night! Parting is such sweet sorrow. — Juliet\n"

@@ -92,6 +92,7 @@ def generative(model, tok, task: Task, cfg: EvalConfig) -> tuple[dict, list[dict
 
 
 def _text_documents(path: str, tok) -> list[tuple[str, list[int], int]]:
+    """(file, token ids, UTF-8 bytes) per file; a file is one document."""
     from ouvert.data import expand_inputs
 
     docs = []
@@ -104,7 +105,8 @@ def _text_documents(path: str, tok) -> list[tuple[str, list[int], int]]:
     return docs
 
 
-def _shard_documents(path: Path, tok, split: str | None) -> list[tuple[str, list[int], int]]:
+def _shard_documents(path: Path, tok, split: str | None) -> list[tuple[str, np.ndarray, int]]:
+    """(shard file, token ids, bytes of the decoded text) per shard of the split."""
     from ouvert.data import read_manifest
     from ouvert.tokenizer import tokenizer_hash
 
@@ -124,7 +126,7 @@ def _shard_documents(path: Path, tok, split: str | None) -> list[tuple[str, list
         cuts = (np.flatnonzero(ids == eos) + 1).tolist() if eos is not None else []
         parts = np.split(ids, cuts)
         n_bytes = sum(len(tok.decode(p.tolist(), skip_special_tokens=True).encode()) for p in parts if len(p))
-        docs.append((str(path / s["file"]), ids.tolist(), n_bytes))
+        docs.append((str(path / s["file"]), ids, n_bytes))
     return docs
 
 
@@ -134,7 +136,7 @@ def perplexity(model, tok, task: Task, cfg: EvalConfig) -> tuple[dict, list[dict
         docs = _shard_documents(p, tok, task.split)
     else:
         docs = _text_documents(task.path, tok)
-    docs = [d for d in docs if d[1]][: cfg.limit]
+    docs = [d for d in docs if len(d[1])][: cfg.limit]
     if not docs:
         raise TaskError(f"{task.path}: no text to score")
     L = score.max_length(model, cfg.max_length)
@@ -166,14 +168,15 @@ def load(cfg: EvalConfig):
 
 def evaluate(model, tok, task: Task, cfg: EvalConfig) -> tuple[dict, list[dict]]:
     """One task's metrics and per-document records."""
-    if cfg.limit is not None and cfg.limit < 1:
-        raise ValueError(f"--limit must be at least 1, got {cfg.limit}")
     return RUNNERS[task.kind](model, tok, task, cfg)
 
 
 def run(cfg: EvalConfig, model=None, tok=None) -> dict:
     """Evaluate every task; returns {"model", "results": {task: metrics}, "config"}. Loads the model
     unless given one; records each task's metrics in the checkpoint's ouvert.json (cfg.record)."""
+    for name in ("limit", "batch_size", "max_length", "stride"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     tasks = [load_task(t, cfg.num_fewshot) for t in cfg.tasks]  # all checked before the model loads
     if model is None:
         model, tok = load(cfg)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -56,14 +57,14 @@ def score(model, requests: Sequence[tuple[Sequence[int], int]], batch_size: int 
         lens = [len(requests[i][0]) - 1 for i in rows]  # the input is ids[:-1]
         tokens = torch.zeros(len(rows), max(lens), dtype=torch.long)
         for r, i in enumerate(rows):
-            tokens[r, : lens[r]] = torch.as_tensor(list(requests[i][0][:-1]))
+            tokens[r, : lens[r]] = torch.as_tensor(np.asarray(requests[i][0][:-1], dtype=np.int64))
         logits = model(tokens.to(device))  # (B, T, V)
         sums, greedy = [], []
         for r, i in enumerate(rows):
             ids, n = requests[i]
             L = lens[r]
             lp = F.log_softmax(logits[r, L - n : L].float(), dim=-1)  # (n, V): predicts ids[-n:]
-            target = torch.as_tensor(list(ids[len(ids) - n :]), device=lp.device)
+            target = torch.as_tensor(np.asarray(ids[len(ids) - n :], dtype=np.int64), device=lp.device)
             sums.append(lp.gather(1, target[:, None]).sum())
             greedy.append((lp.argmax(-1) == target).all())
         # one device-to-host copy per batch, not two per row
@@ -104,14 +105,14 @@ def windows(n: int, max_len: int, stride: int) -> list[tuple[int, int, int]]:
     return out
 
 
-def rolling_loglikelihood(model, token_lists: Sequence[Sequence[int]], prefix: int, batch_size: int = 8,
+def rolling_loglikelihood(model, token_lists: Sequence[Sequence[int] | np.ndarray], prefix: int, batch_size: int = 8,
                           max_len: int | None = None, stride: int | None = None) -> list[float]:
     """Total log-likelihood of each token list, every token predicted once (the first from `prefix`),
     with windows of the model's context (see `windows`); all windows of all lists are batched together."""
     L = max_length(model, max_len)
     reqs, owner = [], []
     for k, ids in enumerate(token_lists):
-        s = [prefix, *ids]
+        s = np.concatenate([[prefix], np.asarray(ids, dtype=np.int64)])  # windows are views of it, not copies
         for start, end, new in windows(len(ids), L, stride or L):
             reqs.append((s[start : end + 1], new))
             owner.append(k)
