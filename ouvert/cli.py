@@ -64,8 +64,30 @@ def cmd_generate(args) -> None:
     model, tok = _load(args)
     ids = tok.encode(args.prompt)
     print(args.prompt, end="", flush=True)
-    new, rate = _stream_reply(model, tok, ids, args)
+    if args.speculative:
+        new, rate = _speculative_reply(model, tok, ids, args)
+    else:
+        new, rate = _stream_reply(model, tok, ids, args)
     print(f"[{len(ids)} prompt tokens, {len(new)} new, {rate:.1f} tokens/s]", file=sys.stderr)
+
+
+def _speculative_reply(model, tok, ids: list[int], args) -> tuple[list[int], float]:
+    """As _stream_reply, drafting with the model's MTP module or a draft model (generate/speculative.py)."""
+    from ouvert import load_model
+    from ouvert.generate.speculative import speculative_generate
+
+    draft = "mtp" if args.speculative == "mtp" else load_model(args.speculative, dtype=DTYPES.get(args.dtype))
+    dec = tok.stream(skip_special_tokens=True)
+    t0 = time.perf_counter()
+    out = speculative_generate(
+        model, ids, args.max_new_tokens, draft, k=args.draft_k, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, min_p=args.min_p, seed=args.seed, stop_token_ids=_stop_ids(model, tok),
+        on_token=lambda step: print("".join(dec.push(t) for t in step), end="", flush=True),
+    )
+    print(dec.flush(), flush=True)
+    print(f"[speculative: {out.acceptance_rate:.0%} of drafts accepted, {out.tokens_per_forward:.2f} tokens per "
+          f"forward]", file=sys.stderr)
+    return out.tokens, len(out.tokens) / max(time.perf_counter() - t0, 1e-9)
 
 
 def cmd_chat(args) -> None:
@@ -203,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("generate", help="continue a prompt, streaming the text")
     _sampling_args(p)
+    p.add_argument("--speculative", metavar="mtp|DIR", help="speculative decoding: draft with the model's MTP "
+                   "module, or with the draft model in DIR (same tokenizer)")
+    p.add_argument("--draft-k", type=int, default=4, help="tokens the draft model proposes per step")
     p.add_argument("prompt")
     p.set_defaults(func=cmd_generate)
     p = sub.add_parser("chat", help="talk with a model, using its chat template")

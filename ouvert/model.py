@@ -530,20 +530,30 @@ class Transformer(nn.Module):
             return logits, self.mtp_logits(h, next_tokens, positions)
         return (logits, h) if return_hidden else logits
 
-    def mtp_logits(self, hidden: Tensor, next_tokens: Tensor, positions: Tensor | None = None) -> list[Tensor]:
+    def mtp_logits(
+        self, hidden: Tensor, next_tokens: Tensor, positions: Tensor | None = None, cache=None
+    ) -> list[Tensor]:
         """Logits of each MTP depth. hidden (B, T, D): the trunk's last hidden states (before its
         final norm) for positions i; next_tokens (B, T): tokens i+1. Depth k predicts token i+1+k.
         Each depth sees its own causal window over the same positions (no cache). The first
-        depth reads norm(hidden), the trunk's final norm (see MTPModule)."""
+        depth reads norm(hidden), the trunk's final norm (see MTPModule).
+
+        cache: a Cache(model, ..., mtp=True) to run the first depth alone incrementally, as
+        speculative decoding does: slots [start, start+T) are written, positions default to
+        cache.start + arange(T). (A later depth would need tokens not yet known.)"""
         B, T, _ = hidden.shape
         if positions is None:
-            positions = torch.arange(T, device=hidden.device).expand(B, T)
+            start = cache.start if cache is not None else 0
+            positions = torch.arange(start, start + T, device=hidden.device).expand(B, T)
+        mask, causal = (None, True) if cache is None else cache.attention_mask(T, None, self.config.sliding_window)
         rope = self.rope(positions, hidden.dtype)
         out, h = [], self.norm(hidden)
-        for k, m in enumerate(self.mtp):
+        for k, m in enumerate(self.mtp if cache is None else self.mtp[:1]):
             if k > 0:  # depth k uses the token k steps further; the last k positions have none
                 next_tokens = torch.cat([next_tokens[:, 1:], next_tokens[:, -1:]], dim=1)
             e = m.enorm(self.embed_tokens(next_tokens))
-            h = m.block(m.eh_proj(torch.cat([e, m.hnorm(h)], dim=-1)), rope, None, True)
+            h = m.block(m.eh_proj(torch.cat([e, m.hnorm(h)], dim=-1)), rope, mask, causal, cache)
             out.append(self.lm_head(m.norm(h)))
+        if cache is not None:
+            cache.advance(T)
         return out

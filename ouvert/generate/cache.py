@@ -8,7 +8,9 @@ padding. Nothing is allocated per decode step.
 
 The model talks to a cache through three calls, so another cache (the server's, with a slot per
 request) can stand in: `attention_mask(T, pad_mask, window)` once per forward, `update(layer,
-tensors, seq_dim)` in each attention layer, and `advance(T)` at the end.
+tensors, seq_dim)` in each attention layer, and `advance(T)` at the end. Speculative decoding
+also uses `rollback(n)` to forget rejected tokens, and a second cache over the first MTP module's
+block (`mtp=True`), which runs one step behind the trunk (generate/speculative.py).
 """
 
 from __future__ import annotations
@@ -18,12 +20,18 @@ from torch import Tensor
 
 
 class Cache:
-    def __init__(self, model, batch_size: int, max_len: int, dtype: torch.dtype | None = None, device=None):
+    def __init__(
+        self, model, batch_size: int, max_len: int, dtype: torch.dtype | None = None, device=None, mtp: bool = False
+    ):
+        """A cache for the trunk's layers, or with mtp=True for the first MTP module's block alone
+        (layer index num_hidden_layers), which has its own attention and so its own history."""
         p = model.embed_tokens.weight
         dtype, device = dtype or p.dtype, device or p.device
         self.batch_size, self.max_len = batch_size, max_len
+        blocks = [model.mtp[0].block] if mtp else model.layers
+        self.first_layer = model.config.num_hidden_layers if mtp else 0  # layer index of self.layers[0]
         self.layers: list[tuple[Tensor, ...]] = [
-            layer.self_attn.new_cache(batch_size, max_len, dtype, device) for layer in model.layers
+            block.self_attn.new_cache(batch_size, max_len, dtype, device) for block in blocks
         ]
         self.start = 0  # slots [0, start) are written
         self.valid: Tensor | None = None  # (B, max_len) bool, allocated at the first padding seen
@@ -34,7 +42,7 @@ class Cache:
         slots [0, start+T) to attend over. Called by each attention layer."""
         T = new[0].shape[seq_dim]
         out = []
-        for buf, x in zip(self.layers[layer], new):
+        for buf, x in zip(self.layers[layer - self.first_layer], new):
             buf.narrow(seq_dim, self.start, T).copy_(x)
             out.append(buf.narrow(seq_dim, 0, self.start + T))
         return tuple(out)
@@ -62,6 +70,13 @@ class Cache:
     def advance(self, T: int) -> None:
         """Called by the model once every layer has written its T new entries."""
         self.start += T
+
+    def rollback(self, n: int) -> None:
+        """Forget the last n tokens (draft tokens the target rejected): the next write overwrites
+        their slots. Nothing needs clearing, as no mask lets a query see a slot at or past start."""
+        if not 0 <= n <= self.start:
+            raise ValueError(f"cannot roll back {n} tokens from a cache holding {self.start}")
+        self.start -= n
 
     def nbytes_per_token(self) -> int:
         """Cache bytes one token takes, over all layers (per batch row)."""
