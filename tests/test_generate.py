@@ -108,3 +108,44 @@ def test_context_too_long_is_refused(tiny_ckpt):
     model = ouvert.load_model(d)
     with pytest.raises(ValueError, match="context length 256"):
         ouvert.generate(model, [1] * 250, 10)
+
+
+def test_compiled_decode_equals_eager(tiny_ckpt):
+    """torch.compile'd decode steps give the same greedy tokens and (float32) logits as eager ones,
+    with left padding in the batch and a second call of another length that must not break it."""
+    from ouvert.generate.cache import Cache
+    from ouvert.generate.decode import compiled_decode_step, decode_step, pad_left, prefill
+
+    d, _ = tiny_ckpt
+    model = ouvert.load_model(d)
+    prompts = _prompts(model.config.vocab_size, lengths=(4, 11))
+    eager = ouvert.generate(model, prompts, 12, stop_token_ids=[])
+    assert ouvert.generate(model, prompts, 12, stop_token_ids=[], compile=True) == eager
+    assert ouvert.generate(model, prompts[0], 20, stop_token_ids=[], compile=True) == \
+        ouvert.generate(model, prompts[0], 20, stop_token_ids=[])
+    tokens, mask = pad_left(prompts)
+    step = compiled_decode_step(model)
+    caches = [Cache(model, 2, 32), Cache(model, 2, 32)]
+    for c in caches:
+        prefill(model, tokens, mask, c)
+    pos = mask.sum(1)
+    tok = torch.tensor([7, 9])
+    for _ in range(3):
+        a, b = step(tok, pos, caches[0]), decode_step(model, tok, pos, caches[1])
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        tok, pos = a.argmax(-1), pos + 1
+
+
+def test_compile_failure_falls_back_to_eager(tiny_ckpt, monkeypatch):
+    d, _ = tiny_ckpt
+    model = ouvert.load_model(d)
+
+    def broken(fn, **kw):
+        def call(*a, **k):
+            raise RuntimeError("no C++ compiler")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    with pytest.warns(UserWarning, match="decoding eagerly: RuntimeError: no C\\+\\+ compiler"):
+        out = ouvert.generate(model, [5, 6, 7], 8, stop_token_ids=[], compile=True)
+    assert out == ouvert.generate(model, [5, 6, 7], 8, stop_token_ids=[])

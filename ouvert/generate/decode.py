@@ -8,6 +8,8 @@ it once the decoded text contains them.
 
 from __future__ import annotations
 
+import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -45,6 +47,34 @@ def decode_step(model, token: Tensor, position: Tensor, cache: Cache) -> Tensor:
     return model(token.unsqueeze(1), position.unsqueeze(1), cache, last_only=True)[:, -1]
 
 
+_compiled: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def compiled_decode_step(model) -> Callable[[Tensor, Tensor, Cache], Tensor]:
+    """decode_step through torch.compile: the model's forward is compiled once per model (dynamic
+    in batch size and cache length, so a longer context or a new prompt does not recompile), the
+    first call paying for it. Prefill stays eager: it runs once per prompt, in large matmuls that
+    compiling does not speed up. If compiling fails (no C++ compiler, an op inductor cannot
+    lower), warn once and decode eagerly: the fall-back gives the same tokens, only slower."""
+    entry = _compiled.get(model)
+    if entry is None:
+        entry = _compiled[model] = {"fn": torch.compile(model, dynamic=True), "ok": True}
+
+    def step(token: Tensor, position: Tensor, cache: Cache) -> Tensor:
+        if entry["ok"]:
+            with torch.inference_mode():  # inputs always inference tensors: one set of guards, no recompile
+                token, position = token.clone(), position.clone()
+            try:
+                return decode_step(entry["fn"], token, position, cache)
+            except Exception as e:  # raised while compiling, before this step wrote to the cache
+                warnings.warn(f"torch.compile of the decode step failed, decoding eagerly: {type(e).__name__}: {e}",
+                              stacklevel=2)
+                entry["ok"] = False
+        return decode_step(model, token, position, cache)
+
+    return step
+
+
 def _as_batch(prompts) -> list[list[int]]:
     if isinstance(prompts, Tensor):
         prompts = prompts.tolist()
@@ -67,8 +97,10 @@ def stream(
     stop_token_ids: Sequence[int] | None = None,
     stop: Sequence[str] | None = None,
     tokenizer=None,
+    compile: bool = False,
 ) -> Iterator[list[int | None]]:
-    """Yield, per step, one new token per prompt (None for rows that have already stopped)."""
+    """Yield, per step, one new token per prompt (None for rows that have already stopped).
+    compile: decode through compiled_decode_step."""
     params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty_)
     batch = _as_batch(prompts)
     B = len(batch)
@@ -90,6 +122,7 @@ def stream(
     tokens, mask = pad_left(batch)
     tokens, mask = tokens.to(device), mask.to(device)
     cache = Cache(model, B, longest + max_new_tokens)
+    step_fn = compiled_decode_step(model) if compile else decode_step
     logits, position = prefill(model, tokens, mask, cache)
     seen = None
     if params.repetition_penalty != 1.0:
@@ -121,7 +154,7 @@ def stream(
             return
         if seen is not None:
             seen.scatter_(1, nxt.unsqueeze(1), True)
-        logits = decode_step(model, nxt, position, cache)
+        logits = step_fn(nxt, position, cache) if compile else decode_step(model, nxt, position, cache)
         position = position + 1
 
 
@@ -140,15 +173,17 @@ def generate(
     stop: Sequence[str] | None = None,
     tokenizer=None,
     on_token: Callable[[list[int | None]], None] | None = None,
+    compile: bool = False,
 ) -> list[list[int]]:
     """Generate up to max_new_tokens for one prompt (a list of ids) or a batch of prompts of any
     lengths. temperature 0 is greedy. Returns the new ids, one list per prompt. `on_token` is
-    called with each step's tokens, for streaming. Stop tokens default to the config's eos ids."""
+    called with each step's tokens, for streaming. Stop tokens default to the config's eos ids.
+    compile: decode through torch.compile (compiled_decode_step), same tokens in float32."""
     outs: list[list[int]] = [[] for _ in _as_batch(prompts)]
     for step in stream(
         model, prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
         repetition_penalty_=repetition_penalty, seed=seed, stop_token_ids=stop_token_ids, stop=stop,
-        tokenizer=tokenizer,
+        tokenizer=tokenizer, compile=compile,
     ):
         for o, t in zip(outs, step):
             if t is not None:
