@@ -49,7 +49,7 @@ def _stream_reply(model, tok, ids: list[int], args) -> tuple[list[int], float]:
     for step in stream(
         model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         min_p=args.min_p, repetition_penalty_=args.repetition_penalty, seed=args.seed,
-        stop_token_ids=_stop_ids(model, tok),
+        stop_token_ids=_stop_ids(model, tok), compile=args.compile,
     ):
         t = step[0]
         if t is None:
@@ -218,6 +218,8 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: as stored")
+    p.add_argument("--compile", action="store_true",
+                   help="decode through torch.compile (the first step compiles, about a minute on 2 cores)")
 
 
 def build_parser() -> argparse.ArgumentParser:
