@@ -241,3 +241,29 @@ def test_incremental_mtp_equals_full_sequence(deepseek):
             start += size
     assert start == 24 and cache.start == 24
     assert (torch.cat(parts, dim=1) - full).abs().max().item() < ATOL
+
+
+def test_mtp_sampling_path(deepseek):
+    """The MTP drafter's sampling path, made deterministic by top_k=1: greedy's tokens again."""
+    p = _prompt(512, 12)
+    ref = ouvert.generate(deepseek, p, N, stop_token_ids=[])[0]
+    out = speculative_generate(deepseek, p, N, "mtp", temperature=0.7, top_k=1, seed=0, stop_token_ids=[])
+    assert out.tokens == ref
+
+
+def test_cli_speculative(corpus_tokenizer, tmp_path, capsys):
+    from ouvert.cli import main
+
+    d = tmp_path / "m"
+    assert main(["init", "--preset", "tiny-deepseek", "--tokenizer", str(corpus_tokenizer), "--out", str(d),
+                 "--init-std", "0.25"]) == 0
+    capsys.readouterr()
+    args = ["generate", "--model", str(d), "--max-new-tokens", "12", "--temperature", "0", "To be"]
+    assert main(args) == 0
+    plain = capsys.readouterr()
+    assert main([*args, "--speculative", "mtp"]) == 0
+    spec = capsys.readouterr()
+    assert spec.out == plain.out and "12 new" in spec.err and "of drafts accepted" in spec.err
+    assert main([*args, "--speculative", str(d), "--draft-k", "3"]) == 0  # the model as its own draft
+    own = capsys.readouterr()
+    assert own.out == plain.out and "100% of drafts accepted" in own.err
