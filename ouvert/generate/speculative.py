@@ -195,7 +195,7 @@ def speculative_generate(
     proposes k tokens per step. temperature 0 is greedy and gives `generate`'s tokens. `on_token`
     is called with each step's new tokens, for streaming. Stop tokens default to the config's."""
     params = SamplingParams(temperature, top_k, top_p, min_p)
-    prompt = list(prompt)
+    prompt = prompt.tolist() if isinstance(prompt, Tensor) else list(prompt)
     if not prompt or not all(isinstance(t, int) for t in prompt):
         raise ValueError("speculative decoding takes one prompt, a non-empty list of token ids (batch size 1)")
     ctx = model.config.max_position_embeddings
@@ -225,7 +225,7 @@ def speculative_generate(
     drafter.observe(hidden, seq[1:])
     if on_token is not None:
         on_token([first])
-    while len(new) < max_new_tokens and first not in stops:
+    while len(new) < max_new_tokens and first not in stops:  # later stops end it below
         drafts, q = drafter.propose(seq, params, generator)
         x = torch.tensor([seq[-1:] + drafts], device=device)
         logits, hidden = model(x, None, cache, return_hidden=True)  # (1, k+1, V): at the last token and each draft
