@@ -20,11 +20,17 @@ repeat (the best sample counts, as the best repeat does):
   prefill  matmul peak (a 2048^3 matmul in that dtype) / FLOPs per token: 2 per weight (not the
            embedding, nor the head, which runs on the last position only) plus causal attention.
 
+Weight-only int8 / int4 rows (--quant, ouvert/quantize.py): the float checkpoint quantized with
+quantize_model and saved beside it, loaded with ouvert.load_model; its transformers column is the float
+model again, timed interleaved with it. Their decode ceiling counts the quantized bytes (integers,
+scales and zeros) for the quantized Linears, float for the rest (embedding, head, norms).
+
 Ends with one line of JSON holding every figure.
 
     .venv/bin/python bench/bench_decode.py                    # full run, both shapes, both dtypes
     .venv/bin/python bench/bench_decode.py --shapes smollm2-135m --dtypes float32 \
         --prompt-len 64 --new-tokens 8 --repeats 1            # a quick check
+    .venv/bin/python bench/bench_decode.py --shapes smollm2-135m --quant int8,int4  # float, int8, int4 rows
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ import ouvert
 from ouvert.config import ModelConfig
 from ouvert.generate.cache import Cache
 from ouvert.generate.decode import prefill
+from ouvert.quantize import linear_names, quantize_model, swap_linears
 
 OUT = Path(__file__).resolve().parent / "out"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -69,6 +76,14 @@ def ensure_checkpoints(cfg: ModelConfig, name: str, dtypes: list[str], seed: int
     gc.collect()
     print(f"built {name} ({', '.join(todo)}) in {time.perf_counter() - t0:.0f} s", flush=True)
     return paths
+
+
+def ensure_quantized(path: Path, scheme: str, rebuild: bool = False) -> Path:
+    """The float checkpoint at `path` quantized (default group size), saved as {path}-{scheme}."""
+    out = path.with_name(f"{path.name}-{scheme}")
+    if rebuild or not (out / "config.json").is_file():
+        ouvert.save_model(quantize_model(ouvert.load_model(path), scheme), out)
+    return out
 
 
 def load(lib: str, path: Path, dtype: str):
@@ -140,17 +155,27 @@ class Machine:
               f"copy (read+write, at the start) {self.copy_gb_s:.1f} GB/s; matmul 2048^3 GFLOP/s: {gemm}")
 
 
-def _param_groups(cfg: ModelConfig) -> dict[str, int]:
-    """Parameter counts by how a decoding token uses them."""
+def _param_groups(cfg: ModelConfig, dtype: torch.dtype | None = None, quant: str | None = None) -> dict[str, int]:
+    """Parameter counts by how a decoding token uses them; bytes instead when `dtype` is given
+    (the model in that dtype, its Linears quantized as `quant` says)."""
     with torch.device("meta"):
         model = ouvert.Transformer(cfg)
+    if dtype is not None:
+        model.to(dtype)
+    if quant:
+        names = linear_names(model)
+        g = 128 if all(model.get_submodule(n).in_features % 128 == 0 for n in names) else 32
+        swap_linears(model, names, quant, g if quant == "int4" else None)
     groups = {"embed": 0, "head": 0, "experts": 0, "other": 0}
-    for name, p in model.named_parameters():  # a tied head shares the embedding: listed once, as embed
-        if name.startswith("mtp."):
+    tensors = model.named_parameters() if dtype is None else model.state_dict(keep_vars=True).items()
+    seen: set[int] = set()
+    for name, p in tensors:  # a tied head shares the embedding: listed once, as embed
+        if name.startswith("mtp.") or id(p) in seen:
             continue
+        seen.add(id(p))
         key = "embed" if name == "embed_tokens.weight" else "head" if name == "lm_head.weight" else (
             "experts" if ".mlp.experts." in name else "other")
-        groups[key] += p.numel()
+        groups[key] += p.numel() if dtype is None else p.numel() * p.element_size()
     return groups
 
 
@@ -161,15 +186,16 @@ def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
     return Cache(model, 1, 1, dtype=dtype, device="meta").nbytes_per_token()
 
 
-def decode_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, context: int) -> dict[str, int]:
-    g = _param_groups(cfg)
+def decode_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, context: int,
+                           quant: str | None = None) -> dict[str, int]:
+    g = _param_groups(cfg, dtype, quant)  # bytes
     active = cfg.num_experts_per_tok / cfg.n_routed_experts if cfg.n_routed_experts else 1.0
-    if cfg.tie_word_embeddings:
-        params = g["embed"] + g["other"] + active * g["experts"]  # the head reads the whole embedding
-    else:
-        params = cfg.hidden_size + g["head"] + g["other"] + active * g["experts"]  # one embedding row
     size = torch.finfo(dtype).bits // 8
-    weights = int(params * size)
+    if cfg.tie_word_embeddings:
+        weights = g["embed"] + g["other"] + active * g["experts"]  # the head reads the whole embedding
+    else:
+        weights = cfg.hidden_size * size + g["head"] + g["other"] + active * g["experts"]  # one embedding row
+    weights = int(weights)
     kv = kv_bytes_per_token(cfg, dtype) * context
     return {"weights": weights, "kv_cache": kv, "total": weights + kv}
 
@@ -282,20 +308,28 @@ def bench_shape(name: str, cfg: ModelConfig, args, machine: Machine, extra=None)
     paths = ensure_checkpoints(cfg, name, args.dtypes, args.seed, args.rebuild)
     prompt = torch.randint(0, cfg.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(args.seed))
     rows = []
+    mean_context = args.prompt_len + args.new_tokens // 2
     for dtype in args.dtypes:
         print(f"{name} {dtype}", flush=True)
         models = load_both(paths, dtype, prompt)
-        res = measure(models, prompt, args.new_tokens, args.repeats, machine)
-        if extra is not None:
-            res.update(extra(models, dtype))
+        for quant in [None, *getattr(args, "quant", [])]:  # quantized rows: ouvert's model swapped, transformers' kept
+            if quant is not None:
+                print(f"{name} {dtype} {quant} (transformers: {dtype})", flush=True)
+                models["ouvert"] = None
+                gc.collect()
+                models["ouvert"] = ouvert.load_model(ensure_quantized(paths[dtype], quant, args.rebuild))
+                run_ouvert(models["ouvert"], prompt, 4)  # warm up
+            res = measure(models, prompt, args.new_tokens, args.repeats, machine)
+            if extra is not None:
+                res.update(extra(models, dtype))
+            rows.append({
+                "shape": name, "dtype": dtype, "quant": quant or "none", "params": cfg.num_params(),
+                "new_tokens": args.new_tokens, **res,
+                "decode_bytes_per_token": decode_bytes_per_token(cfg, DTYPES[dtype], mean_context, quant),
+                "prefill_flops_per_token": prefill_flops_per_token(cfg, args.prompt_len),
+            })
         del models
         gc.collect()
-        mean_context = args.prompt_len + args.new_tokens // 2
-        rows.append({
-            "shape": name, "dtype": dtype, "params": cfg.num_params(), "new_tokens": args.new_tokens, **res,
-            "decode_bytes_per_token": decode_bytes_per_token(cfg, DTYPES[dtype], mean_context),
-            "prefill_flops_per_token": prefill_flops_per_token(cfg, args.prompt_len),
-        })
     return rows
 
 
@@ -307,19 +341,22 @@ def add_ceilings(rows: list[dict], machine: Machine) -> None:
 
 
 def print_table(rows: list[dict]) -> None:
-    head = (f"{'shape':18s} {'dtype':9s} {'phase':8s} {'ouvert':>9s} {'transf.':>9s} {'ratio':>6s} "
-            f"{'ceiling':>9s} {'ouv/ceil':>8s}  (tokens/s, best of repeats)")
+    head = (f"{'shape':18s} {'dtype':9s} {'weights':7s} {'phase':8s} {'ouvert':>9s} {'transf.':>9s} {'ratio':>6s} "
+            f"{'ceiling':>9s} {'ouv/ceil':>8s}  (tokens/s, best of repeats; transformers in float)")
     print(head)
     print("-" * len(head))
     for r in rows:
+        q = r.get("quant", "none")
         for phase in ("prefill", "decode"):
             o, t = r["ouvert"][f"{phase}_tok_s"], r["transformers"][f"{phase}_tok_s"]
             c = r[f"{phase}_ceiling_tok_s"]
-            print(f"{r['shape']:18s} {r['dtype']:9s} {phase:8s} {o:9.1f} {t:9.1f} {o / t:6.2f} {c:9.1f} {o / c:8.0%}")
+            print(f"{r['shape']:18s} {r['dtype']:9s} {q:7s} {phase:8s} {o:9.1f} {t:9.1f} {o / t:6.2f} {c:9.1f} "
+                  f"{o / c:8.0%}")
     print()
     for r in rows:
         b = r["decode_bytes_per_token"]
-        print(f"{r['shape']} {r['dtype']}: decode reads {b['weights'] / 1e6:.0f} MB of weights + "
+        print(f"{r['shape']} {r['dtype']} {r.get('quant', 'none')}: decode reads {b['weights'] / 1e6:.0f} MB of "
+              f"weights + "
               f"{b['kv_cache'] / 1e6:.1f} MB of KV cache per token; prefill {r['prefill_flops_per_token'] / 1e9:.2f} "
               f"GFLOP per token; greedy tokens equal: {r['greedy_tokens_equal']}/{r['new_tokens']}")
 
@@ -347,9 +384,13 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", default="smollm2-135m,llama-3.2-1b", help="comma-separated ouvert presets")
+    p.add_argument("--quant", default="int8,int4", help="weight-only rows beside float: int8, int4, or none")
     add_common_args(p)
     args = check_args(p, p.parse_args(argv))
     args.shapes = args.shapes.split(",")
+    args.quant = [] if args.quant in ("", "none") else args.quant.split(",")
+    if set(args.quant) - {"int8", "int4"}:
+        p.error("--quant: choose from int8, int4, none")
     return args
 
 

@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
 import ouvert
+from ouvert import quantize
 from ouvert.cli import main
 from ouvert.data import TokenLoader
 from ouvert.quantize import (
@@ -64,7 +66,8 @@ FLOAT_BOUND = {("int8", None): 0.012, ("int4", 32): 0.12, ("int4", 128): 0.13}
 
 @pytest.mark.parametrize("scheme,group_size", list(FLOAT_BOUND))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernel_matches_dequantized_matmul(scheme, group_size, dtype):
+def test_kernel_matches_dequantized_matmul(scheme, group_size, dtype, monkeypatch):
+    monkeypatch.setitem(quantize.KERNEL_MAX_ROWS, dtype, 10)  # the kernels on all 10 rows, whatever pays best
     torch.manual_seed(0)
     lin = nn.Linear(256, 96, bias=True)
     q = _quantized_linear(lin, scheme, group_size).to(dtype)
@@ -81,6 +84,22 @@ def test_kernel_matches_dequantized_matmul(scheme, group_size, dtype):
     # float32: the same sums in another order; bfloat16: the kernels round the products differently
     assert _rel(fast, slow) < (1e-6 if dtype == torch.float32 else 1e-2)
     assert _rel(fast, ref) < FLOAT_BOUND[scheme, group_size]
+
+
+@pytest.mark.parametrize("scheme,group_size", [("int8", None), ("int4", 32)])
+def test_kernel_dispatch(scheme, group_size):
+    """The kernels run where they pay (decode: a few rows, bfloat16; one row in float32), else
+    dequantize-then-matmul, which must also give the same answer."""
+    q = _quantized_linear(nn.Linear(256, 96), scheme, group_size)
+    kernel = "aten::_weight_int8pack_mm" if scheme == "int8" else "aten::_weight_int4pack_mm_for_cpu"
+    for dtype, rows, used in [(torch.float32, 1, True), (torch.float32, 2, False), (torch.bfloat16, 32, True),
+                              (torch.bfloat16, 33, False)]:
+        q = q.to(dtype)
+        x = torch.randn(1, rows, 256).to(dtype)
+        with torch.no_grad():
+            assert (kernel in _ops(lambda q=q, x=x: q(x))) == used, (dtype, rows)
+            y = q(x)
+        assert _rel(y, F.linear(x, q.dequantize(dtype), q.bias.to(dtype))) < (1e-6 if dtype == torch.float32 else 1e-2)
 
 
 def test_integer_math():
