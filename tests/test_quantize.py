@@ -199,6 +199,27 @@ def test_top1_agrees_with_float(trained, val_tokens, scheme):
     assert not torch.equal(q, ref)  # it did quantize
 
 
+def test_deepseek_round_trip(tmp_path):
+    """MLA, MoE and MTP: projections and shared experts quantized; routed experts, routers and
+    kv_b_proj (read directly by absorbed decoding) stay float; kv_a_proj_with_mqa (40 outputs, not a
+    multiple of 16) takes the dequantize path."""
+    model = ouvert.Transformer(ouvert.preset("tiny-deepseek"))
+    model.init_weights(std=0.05, generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(1))
+    ref = _logits(model.eval(), tokens)
+    quantize_model(model, "int4")
+    attn, moe = model.layers[1].self_attn, model.layers[1].mlp
+    assert isinstance(attn.q_b_proj, Int4Linear) and isinstance(moe.shared_experts.down_proj, Int4Linear)
+    assert isinstance(model.mtp[0].block.self_attn.o_proj, Int4Linear)
+    assert type(attn.kv_b_proj) is nn.Linear and moe.experts.gate_proj.dtype == torch.float32
+    assert attn.kv_a_proj_with_mqa.kernel_weight is None and attn.o_proj.kernel_weight is not None
+    expect = _logits(model, tokens)
+    assert 0 < _rel(expect, ref) < 0.4  # random weights: int4 error only, no meaning in top-1
+    loaded = ouvert.load_model(ouvert.save_model(model, tmp_path / "q"))
+    assert torch.equal(_logits(loaded, tokens), expect)
+    assert len(ouvert.generate(loaded, [1, 2, 3], 4, stop_token_ids=[])[0]) == 4  # absorbed MLA decode runs
+
+
 # ---- errors -------------------------------------------------------------------------------------
 
 
