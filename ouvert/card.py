@@ -142,9 +142,15 @@ def render(path: str | Path, license: str | None = None) -> str:
     out += ["## Evaluation", ""]
     evals = record.get("eval", {})
     if evals:
+        bookkeeping = {"n", "num_fewshot", "seconds", "tokens", "bytes"}
         rows = [(f"{task}: {k}", _fmt(v)) for task, m in sorted(evals.items()) for k, v in m.items()
-                if isinstance(v, (int, float)) and not isinstance(v, bool)]
+                if k not in bookkeeping and isinstance(v, (int, float)) and not isinstance(v, bool)]
         out += [_table(rows, ("task: metric", "value")), ""]
+        for task, m in sorted(evals.items()):
+            shots = f", {m['num_fewshot']}-shot" if m.get("num_fewshot") else ""
+            size = f"{m['n']} document(s)" + (f", {m['tokens']:,} tokens" if "tokens" in m else "")
+            out.append(f"- {task}: {size}{shots}, {m.get('date', '')}")
+        out.append("")
     else:
         out += [f"No evaluation recorded yet: run `ouvert eval --model {path} --task ...`.", ""]
     code = record.get("ouvert", {})
