@@ -267,6 +267,8 @@ def quantize_model(model: nn.Module, scheme: str, group_size: int | None = None)
     """Quantize a float Transformer in place (transform, swap, assign) and record the scheme in its
     config, so that save_model writes a checkpoint load_model reads back."""
     check_scheme(scheme, group_size)
+    if any(isinstance(m, (Int8Linear, Int4Linear)) for m in model.modules()):
+        raise QuantizeError(f"the model is quantized already ({model.config.extra.get('quantization_config')})")
     names = linear_names(model)
     if scheme == "int4":
         group_size = choose_group_size({n: model.get_submodule(n).in_features for n in names}, group_size)
@@ -314,19 +316,12 @@ def cli_quantize(args) -> None:
     from ouvert.tokenizer import load_tokenizer
 
     check_scheme(args.scheme, args.group_size)
-    model = load_model(args.model)
-    if model.config.extra.get("quantization_config"):
-        raise QuantizeError(f"{args.model}: already quantized ({model.config.extra['quantization_config']})")
-    quantize_model(model, args.scheme, args.group_size)
+    model = quantize_model(load_model(args.model), args.scheme, args.group_size)
     tok = load_tokenizer(args.model) if (Path(args.model) / "tokenizer.json").is_file() else None
     save_model(model, args.out, tokenizer=tok)
     g = model.config.extra["quantization_config"]["group_size"]
-    print(f"wrote {args.out}: {args.scheme}" + (f", group size {g}" if g else "")
-          + f", {len(linear_names_quantized(model))} linear layers quantized")
-
-
-def linear_names_quantized(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, (Int8Linear, Int4Linear))]
+    n = sum(isinstance(m, (Int8Linear, Int4Linear)) for m in model.modules())
+    print(f"wrote {args.out}: {args.scheme}" + (f", group size {g}" if g else "") + f", {n} linear layers quantized")
 
 
 def add_quantize_parser(sub) -> None:

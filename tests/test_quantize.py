@@ -235,6 +235,8 @@ def test_bad_scheme_and_group_size(trained, tmp_path, capsys):
     with pytest.raises(QuantizeError, match="int8 is per output channel"):
         quantize_model(model, "int8", 32)
     assert type(model.layers[0].self_attn.q_proj) is nn.Linear  # a refused request changes nothing
+    with pytest.raises(QuantizeError, match="quantized already"):
+        quantize_model(quantize_model(model, "int8"), "int4")
 
     assert main(["quantize", "--model", str(trained), "--scheme", "int3", "--out", str(tmp_path / "x")]) == 2
     assert "ouvert quantize: error: unknown quantization scheme 'int3'" in capsys.readouterr().err
