@@ -229,6 +229,9 @@ class _Clock:
         pass
 
 
+COMPILE = {"on": False}  # set per row by bench_shape: ouvert decodes through torch.compile
+
+
 def run_ouvert(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float, list[int]]:
     """One prefill timed alone, then one greedy generate. Returns (prefill s, decode s per token, ids)."""
     tokens = prompt.unsqueeze(0)
@@ -239,7 +242,8 @@ def run_ouvert(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, flo
     del cache
     times: list[float] = []
     out = ouvert.generate(
-        model, prompt.tolist(), new_tokens, stop_token_ids=[], on_token=lambda _: times.append(time.perf_counter())
+        model, prompt.tolist(), new_tokens, stop_token_ids=[], on_token=lambda _: times.append(time.perf_counter()),
+        compile=COMPILE["on"],
     )[0]
     return t_prefill, (times[-1] - times[0]) / max(new_tokens - 1, 1), out
 
@@ -312,7 +316,15 @@ def bench_shape(name: str, cfg: ModelConfig, args, machine: Machine, extra=None)
     for dtype in args.dtypes:
         print(f"{name} {dtype}", flush=True)
         models = load_both(paths, dtype, prompt)
-        for quant in [None, *getattr(args, "quant", [])]:  # quantized rows: ouvert's model swapped, transformers' kept
+        variants = [(None, False)] + [(None, True)] * bool(getattr(args, "compile", False))
+        variants += [(q, False) for q in getattr(args, "quant", [])]
+        for quant, compiled in variants:  # quantized rows: ouvert's model swapped, transformers' kept
+            COMPILE["on"] = compiled
+            if compiled:
+                print(f"{name} {dtype} compiled decode (first call compiles)", flush=True)
+                t0 = time.perf_counter()
+                run_ouvert(models["ouvert"], prompt, 4)
+                print(f"  compiled in {time.perf_counter() - t0:.0f} s", flush=True)
             if quant is not None:
                 print(f"{name} {dtype} {quant} (transformers: {dtype})", flush=True)
                 models["ouvert"] = None
@@ -323,7 +335,8 @@ def bench_shape(name: str, cfg: ModelConfig, args, machine: Machine, extra=None)
             if extra is not None:
                 res.update(extra(models, dtype))
             rows.append({
-                "shape": name, "dtype": dtype, "quant": quant or "none", "params": cfg.num_params(),
+                "shape": name, "dtype": dtype, "quant": quant or "none", "compile": compiled,
+                "params": cfg.num_params(),
                 "new_tokens": args.new_tokens, **res,
                 "decode_bytes_per_token": decode_bytes_per_token(cfg, DTYPES[dtype], mean_context, quant),
                 "prefill_flops_per_token": prefill_flops_per_token(cfg, args.prompt_len),
@@ -342,11 +355,11 @@ def add_ceilings(rows: list[dict], machine: Machine) -> None:
 
 def print_table(rows: list[dict]) -> None:
     head = (f"{'shape':18s} {'dtype':9s} {'weights':7s} {'phase':8s} {'ouvert':>9s} {'transf.':>9s} {'ratio':>6s} "
-            f"{'ceiling':>9s} {'ouv/ceil':>8s}  (tokens/s, best of repeats; transformers in float)")
+            f"{'ceiling':>9s} {'ouv/ceil':>8s}  (tok/s, best of repeats; transformers in float; +c: compiled decode)")
     print(head)
     print("-" * len(head))
     for r in rows:
-        q = r.get("quant", "none")
+        q = r.get("quant", "none") + ("+c" if r.get("compile") else "")
         for phase in ("prefill", "decode"):
             o, t = r["ouvert"][f"{phase}_tok_s"], r["transformers"][f"{phase}_tok_s"]
             c = r[f"{phase}_ceiling_tok_s"]
@@ -385,6 +398,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", default="smollm2-135m,llama-3.2-1b", help="comma-separated ouvert presets")
     p.add_argument("--quant", default="int8,int4", help="weight-only rows beside float: int8, int4, or none")
+    p.add_argument("--compile", action="store_true", help="also a row with ouvert's decode through torch.compile")
     add_common_args(p)
     args = check_args(p, p.parse_args(argv))
     args.shapes = args.shapes.split(",")
