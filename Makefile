@@ -31,7 +31,7 @@ demo: $(STAMP) assets
 	$(OUVERT) info --model $(DEMO)/run/final
 	$(OUVERT) generate --model $(DEMO)/run/final --max-new-tokens 120 --temperature 0.8 --top-k 50 --seed 0 \
 	  "ROMEO.$$(printf '\n')"
-	$(OUVERT) eval --model $(DEMO)/run/final --task $(DEMO)/data
+	$(OUVERT) eval --model $(DEMO)/run/final --task $(DEMO)/data --max-length 256  # the context it was trained at
 	$(OUVERT) card --model $(DEMO)/run/final --license apache-2.0
 	$(OUVERT) verify --model $(DEMO)/run/final
 
