@@ -171,7 +171,8 @@ def render(path: str | Path, license: str | None = None) -> str:
             "A research artifact: for studying, evaluating and fine-tuning language models. It has not been "
             "aligned or safety-tested; it can produce text that is wrong, offensive or that repeats its training "
             "data. It knows only what its training data above contains, in the languages it contains, and within "
-            f"a context of {json.loads((path / 'config.json').read_text()).get('max_position_embeddings')} tokens. "
+            f"a context of {json.loads((path / 'config.json').read_text()).get('max_position_embeddings')} tokens"
+            + (f" (trained on sequences of {record['train_config']['seq_len']})" if trained else "") + ". "
             "Do not use it for decisions about people.", ""]
     return "\n".join(out)
 
