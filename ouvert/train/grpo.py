@@ -52,6 +52,19 @@ def exact_answer(text: str, example: dict) -> float:
     return float(m is not None and m.group() == str(example["answer"]).strip())
 
 
+@reward("digit_match")
+def digit_match(text: str, example: dict) -> float:
+    """Partial credit up to 0.5: the fraction of digit positions where the completion's first number
+    agrees with the answer, over the longer of the two. Denser than exact_answer, so a group whose
+    completions are all wrong still ranks them (one digit off beats all digits off). Positions count
+    from the left: the answer's first digit should be the one the model writes first."""
+    m = _NUMBER.search(text)
+    if m is None:
+        return 0.0
+    got, want = m.group(), str(example["answer"]).strip()
+    return 0.5 * sum(g == w for g, w in zip(got, want)) / max(len(got), len(want))
+
+
 @reward("format")
 def answer_format(text: str, example: dict) -> float:
     """0.1 when the completion is just a number (the fixed answer format)."""
