@@ -181,3 +181,15 @@ def test_grpo_loss_clipping_and_kl_by_hand():
     assert loss.item() == pytest.approx(-(seq0 + seq1) / 2, abs=1e-6)
     assert m["kl"].item() == pytest.approx((k00 + k01 + k10) / 3, abs=1e-6)
     assert m["clip_fraction"].item() == pytest.approx(2 / 3)
+
+
+def test_rewards_by_hand():
+    from ouvert.train.grpo import REWARDS
+
+    ex = {"prompt": "23+48", "answer": "17"}  # reversed digits: 71 written least significant first
+    assert REWARDS["exact_answer"]("17", ex) == 1.0 and REWARDS["exact_answer"]("71", ex) == 0.0
+    assert REWARDS["digit_match"]("17", ex) == 0.5
+    assert REWARDS["digit_match"]("19", ex) == 0.25  # one of two positions right
+    assert REWARDS["digit_match"]("170", ex) == 0.5 * 2 / 3  # an extra digit costs
+    assert REWARDS["digit_match"]("no number", ex) == 0.0
+    assert REWARDS["format"](" 17 ", ex) == 0.1 and REWARDS["format"]("17 apples", ex) == 0.0
