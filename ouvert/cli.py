@@ -278,7 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="tokenizer directory (default: the model's)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: as stored")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    p.add_argument("--max-length", type=int, default=None, help="tokens per window (default: min(context, 2048))")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="tokens per window (default: the seq_len ouvert pretrained it at, else min(context, 2048))")
     p.add_argument("--stride", type=int, default=None, help="perplexity window stride (default: max-length / 2)")
     p.add_argument("--no-record", action="store_true", help="do not write the results into ouvert.json")
     p.add_argument("--log-samples", action="store_true", help="per-document outputs in the results JSON")

@@ -133,3 +133,15 @@ def test_reproduce_is_bitwise_and_names_a_changed_shard(run, tmp_path):
 def test_reproduce_without_a_record_is_a_clear_error(tmp_path, tiny_ckpt):
     path, _ = tiny_ckpt  # written by transformers: no ouvert.json
     assert main(["reproduce", "--model", str(path), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_eval_windows_default_to_the_pretrained_length(run):
+    """Positions past the training seq_len were never trained: eval's default window is that length."""
+    from ouvert.eval import EvalConfig
+    from ouvert.eval.run import run as run_eval
+
+    data, ckpt = run
+    out = run_eval(EvalConfig(model=str(ckpt), tasks=[str(data)], record=False))
+    assert out["config"]["max_length"] == 32
+    longer = run_eval(EvalConfig(model=str(ckpt), tasks=[str(data)], record=False, max_length=128))
+    assert longer["config"]["max_length"] == 128

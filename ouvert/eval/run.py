@@ -26,7 +26,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +50,7 @@ class EvalConfig:
     tokenizer: str | None = None  # default: the model's directory
     dtype: str | None = None  # default: as stored
     device: str | None = None  # default: cuda when available
-    max_length: int | None = None  # tokens per forward pass; default min(context, 2048)
+    max_length: int | None = None  # tokens per forward; default: the pretrained seq_len, else min(context, 2048)
     stride: int | None = None  # perplexity window stride; default max_length // 2
     record: bool = True  # write results into the checkpoint's ouvert.json
     log_samples: bool = False  # per-document outputs in the results JSON
@@ -171,6 +171,21 @@ def evaluate(model, tok, task: Task, cfg: EvalConfig) -> tuple[dict, list[dict]]
     return RUNNERS[task.kind](model, tok, task, cfg)
 
 
+def trained_context(model_dir) -> int | None:
+    """The sequence length a model ouvert pretrained from scratch was trained at, from its
+    ouvert.json: positions past it were never trained, so longer windows measure extrapolation,
+    not the model (None for hub checkpoints and fine-tunes, whose base saw longer contexts)."""
+    try:
+        from ouvert.checkpoint import manifest
+
+        c = manifest.read(model_dir).get("train_config") or {}
+    except (ValueError, OSError):
+        return None
+    if c.get("objective") == "pretrain" and not c.get("init_from") and c.get("seq_len"):
+        return int(c["seq_len"])
+    return None
+
+
 def run(cfg: EvalConfig, model=None, tok=None) -> dict:
     """Evaluate every task; returns {"model", "results": {task: metrics}, "config"}. Loads the model
     unless given one; records each task's metrics in the checkpoint's ouvert.json (cfg.record)."""
@@ -180,6 +195,10 @@ def run(cfg: EvalConfig, model=None, tok=None) -> dict:
     tasks = [load_task(t, cfg.num_fewshot) for t in cfg.tasks]  # all checked before the model loads
     if model is None:
         model, tok = load(cfg)
+    if cfg.max_length is None and (L := trained_context(cfg.model)):
+        print(f"windows of {L} tokens: the sequence length {cfg.model} was pretrained at (--max-length to change)",
+              file=sys.stderr)
+        cfg = replace(cfg, max_length=L)
     results, samples = {}, {}
     for task in tasks:
         t0 = time.perf_counter()
