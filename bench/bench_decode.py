@@ -383,6 +383,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rebuild", action="store_true", help="rewrite the cached checkpoints in bench/out/")
+    p.add_argument("--compile", action="store_true", help="also a row with ouvert's decode through torch.compile")
 
 
 def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
@@ -398,7 +399,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", default="smollm2-135m,llama-3.2-1b", help="comma-separated ouvert presets")
     p.add_argument("--quant", default="int8,int4", help="weight-only rows beside float: int8, int4, or none")
-    p.add_argument("--compile", action="store_true", help="also a row with ouvert's decode through torch.compile")
     add_common_args(p)
     args = check_args(p, p.parse_args(argv))
     args.shapes = args.shapes.split(",")

@@ -106,24 +106,6 @@ def cache_figures(cfg: ModelConfig):
     return extra
 
 
-def work_around_head_dim(cfg: ModelConfig, paths: dict) -> bool:
-    """ouvert's ModelConfig.to_hf writes head_dim = hidden_size // num_attention_heads (64 here) into
-    an MLA config.json, and transformers' DeepseekV3 takes head_dim as the rotary width (it should be
-    qk_rope_head_dim, 32): its forward then fails on a shape mismatch. While ouvert writes it, drop
-    the key from the saved config.json files, and say so. Returns whether it was needed."""
-    written = cfg.to_hf().get("head_dim", cfg.qk_rope_head_dim)
-    if written == cfg.qk_rope_head_dim:
-        return False
-    print(f"note: ouvert writes head_dim {written} into config.json, transformers reads it as the rotary width "
-          f"(qk_rope_head_dim {cfg.qk_rope_head_dim}); the key is dropped from the saved checkpoints")
-    for path in paths.values():
-        f = path / "config.json"
-        hf = json.loads(f.read_text())
-        if hf.pop("head_dim", None) is not None:
-            f.write_text(json.dumps(hf, indent=2) + "\n")
-    return True
-
-
 def print_cache(rows: list[dict]) -> None:
     print(f"{'KV cache bytes/token (all layers)':34s} {'ouvert MLA':>10s} {'per-head':>9s} {'ratio':>6s} "
           f"{'transformers':>12s}")
@@ -143,9 +125,6 @@ def main(argv=None) -> None:
           f"{active_params(cfg) / 1e9:.2f}B read per decoded token", flush=True)
     t0 = time.perf_counter()
     machine = bd.Machine(args.dtypes)
-    paths = bd.ensure_checkpoints(cfg, NAME, args.dtypes, args.seed, args.rebuild)
-    info["head_dim_workaround"] = work_around_head_dim(cfg, paths)
-    args.rebuild = False  # bench_shape below reuses these checkpoints
     rows = bd.bench_shape(NAME, cfg, args, machine, extra=cache_figures(cfg))
     bd.add_ceilings(rows, machine)
     print()
