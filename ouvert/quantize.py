@@ -318,7 +318,12 @@ def cli_quantize(args) -> None:
     check_scheme(args.scheme, args.group_size)
     model = quantize_model(load_model(args.model), args.scheme, args.group_size)
     tok = load_tokenizer(args.model) if (Path(args.model) / "tokenizer.json").is_file() else None
-    save_model(model, args.out, tokenizer=tok)
+    lineage = {"derived_by": f"ouvert quantize --scheme {args.scheme}"}
+    if Path(args.model).is_dir():  # ouvert.json names the float checkpoint it came from
+        from ouvert.checkpoint.manifest import parent_record
+
+        lineage["parent"] = parent_record(args.model)
+    save_model(model, args.out, tokenizer=tok, provenance=lineage)
     g = model.config.extra["quantization_config"]["group_size"]
     n = sum(isinstance(m, (Int8Linear, Int4Linear)) for m in model.modules())
     print(f"wrote {args.out}: {args.scheme}" + (f", group size {g}" if g else "") + f", {n} linear layers quantized")

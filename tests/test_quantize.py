@@ -181,6 +181,11 @@ def test_cli_quantize(trained, val_tokens, tmp_path, capsys):
     assert (tmp_path / "q4" / "tokenizer.json").is_file()
     expect = _logits(quantize_model(ouvert.load_model(trained), "int4", 64), val_tokens)
     assert torch.equal(_logits(ouvert.load_model(tmp_path / "q4"), val_tokens), expect)
+    from ouvert.checkpoint import manifest  # lineage: the quantized checkpoint names its float parent
+
+    rec = manifest.read(tmp_path / "q4")
+    assert rec["parent"]["checkpoint_sha256"] == manifest.checkpoint_hash(trained)
+    assert rec["derived_by"] == "ouvert quantize --scheme int4" and manifest.verify(tmp_path / "q4") == []
 
 
 # Measured on this model and these 512 positions: int8 agrees with float on 99.8% of the top-1
