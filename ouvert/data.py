@@ -17,7 +17,6 @@ small dict (state_dict / load_state_dict) for exact resume.
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -28,19 +27,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ouvert.checkpoint.manifest import sha256_file
 from ouvert.tokenizer import load_tokenizer, tokenizer_hash
 
 
 class DataError(ValueError):
     """Input the data pipeline cannot use; names the file (and line)."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(1 << 20):
-            h.update(b)
-    return h.hexdigest()
 
 
 def expand_inputs(inputs: list[str]) -> list[Path]:
@@ -134,7 +126,7 @@ def _prepare_file(job: dict) -> dict:
     if n <= (1 if eos is not None else 0):
         tmp.unlink()
         problems.append(f"{src}: empty, skipped")
-        return {"source": str(src), "sha256": _sha256(src), "tokens": 0, "shards": {}, "problems": problems}
+        return {"source": str(src), "sha256": sha256_file(src), "tokens": 0, "shards": {}, "problems": problems}
     # The last val_fraction of each file's tokens is its validation part.
     all_ids = np.memmap(tmp, dtype=dtype, mode="r")
     n_val = int(round(n * job["val_fraction"]))
@@ -143,10 +135,10 @@ def _prepare_file(job: dict) -> dict:
         if len(part):
             fname = f"{name}.{split}.bin"
             np.asarray(part).tofile(out / fname)
-            shards[split] = {"file": fname, "tokens": int(len(part)), "sha256": _sha256(out / fname)}
+            shards[split] = {"file": fname, "tokens": int(len(part)), "sha256": sha256_file(out / fname)}
     del all_ids
     tmp.unlink()
-    rec = {"source": str(src), "sha256": _sha256(src), "tokens": n, "shards": shards, "problems": problems}
+    rec = {"source": str(src), "sha256": sha256_file(src), "tokens": n, "shards": shards, "problems": problems}
     done = out / ".done" / f"{name}.json"
     done.write_text(json.dumps(rec))  # written last: its presence means the file is finished
     return rec

@@ -115,14 +115,15 @@ def parent_record(path: str | Path) -> dict[str, Any]:
 
 def build(path: Path, model_config: dict, fields: dict[str, Any] | None = None) -> dict[str, Any]:
     """The manifest of the checkpoint whose files are already written in `path`."""
-    tok = path / "tokenizer.json"
+    from ouvert.tokenizer import tokenizer_hash  # the hash data manifests record, so the two compare
+
     hashes = weight_hashes(path)
     record: dict[str, Any] = {
         "format": FORMAT,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "ouvert": code_version(),
         "model_config": model_config,
-        "tokenizer_sha256": sha256_file(tok) if tok.is_file() else None,
+        "tokenizer_sha256": tokenizer_hash(path) if (path / "tokenizer.json").is_file() else None,
     }
     record.update(fields or {})
     record["weights"] = hashes
