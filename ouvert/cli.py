@@ -14,11 +14,11 @@ import torch
 
 from ouvert.card import add_card_parsers
 from ouvert.checkpoint.gguf import add_export_parser
+from ouvert.checkpoint.hf import DTYPES
+from ouvert.generate.decode import stop_ids
 from ouvert.quantize import add_quantize_parser
 from ouvert.serve.cli import add_serve_parser
 from ouvert.train.reproduce import add_reproduce_parser
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _load(args) -> tuple:
@@ -31,14 +31,6 @@ def _load(args) -> tuple:
     return model, load_tokenizer(tok_dir)
 
 
-def _stop_ids(model, tok) -> list[int]:
-    ids = list(tok.stop_token_ids)
-    for i in model.config.stop_token_ids:
-        if i not in ids:
-            ids.append(i)
-    return ids
-
-
 def _stream_reply(model, tok, ids: list[int], args) -> tuple[list[int], float]:
     """Generate from ids, printing text as it is produced; returns the new ids and tokens/s."""
     from ouvert.generate import stream
@@ -49,7 +41,7 @@ def _stream_reply(model, tok, ids: list[int], args) -> tuple[list[int], float]:
     for step in stream(
         model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         min_p=args.min_p, repetition_penalty_=args.repetition_penalty, seed=args.seed,
-        stop_token_ids=_stop_ids(model, tok), compile=args.compile,
+        stop_token_ids=stop_ids(model, tok), compile=args.compile,
     ):
         t = step[0]
         if t is None:
@@ -81,7 +73,7 @@ def _speculative_reply(model, tok, ids: list[int], args) -> tuple[list[int], flo
     t0 = time.perf_counter()
     out = speculative_generate(
         model, ids, args.max_new_tokens, draft, k=args.draft_k, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, min_p=args.min_p, seed=args.seed, stop_token_ids=_stop_ids(model, tok),
+        top_p=args.top_p, min_p=args.min_p, seed=args.seed, stop_token_ids=stop_ids(model, tok),
         on_token=lambda step: print("".join(dec.push(t) for t in step), end="", flush=True),
     )
     print(dec.flush(), flush=True)

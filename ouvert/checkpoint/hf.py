@@ -26,6 +26,9 @@ from ouvert.checkpoint import manifest
 from ouvert.config import ConfigError, ModelConfig
 from ouvert.model import Transformer
 
+# The dtypes a command line may ask load_model for, by name.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or written; the message names the file and the key."""

@@ -32,11 +32,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ouvert.checkpoint.hf import DTYPES
 from ouvert.eval import score
 from ouvert.eval.tasks import Task, TaskError, load_task
 from ouvert.eval.verify import VERIFIERS, is_number
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ouvert.generate.decode import generate
+from ouvert.generate.decode import generate, stop_ids
 
 
 def prefix_id(tok) -> int:
@@ -122,11 +122,6 @@ def rolling_loglikelihood(model, token_lists: Sequence[Sequence[int] | np.ndarra
     return totals
 
 
-def stop_token_ids(model, tok) -> list[int]:
-    """The tokenizer's stop tokens and the model config's, in that order."""
-    return list(dict.fromkeys([*tok.stop_token_ids, *model.config.stop_token_ids]))
-
-
 def greedy_generate(model, tok, prompts: Sequence[str], max_new_tokens: int = 64, stop: Sequence[str] = (),
                     batch_size: int = 8, temperature: float = 0.0, seed: int | None = None) -> list[str]:
     """Continue each prompt (greedy unless temperature > 0) until a stop token, a stop string or
@@ -136,7 +131,7 @@ def greedy_generate(model, tok, prompts: Sequence[str], max_new_tokens: int = 64
     if room < 2:
         raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the context")
     ids = [[prefix_id(tok), *tok.encode(p, add_special_tokens=False)][-room:] for p in prompts]
-    stops = stop_token_ids(model, tok)
+    stops = stop_ids(model, tok)
     out = [""] * len(prompts)
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     for b in range(0, len(order), batch_size):

@@ -75,6 +75,11 @@ def compiled_decode_step(model) -> Callable[[Tensor, Tensor, Cache], Tensor]:
     return step
 
 
+def stop_ids(model, tok) -> list[int]:
+    """The tokenizer's stop tokens, then the model config's eos ids it lacks: what ends a reply."""
+    return list(dict.fromkeys([*tok.stop_token_ids, *model.config.stop_token_ids]))
+
+
 def _as_batch(prompts) -> list[list[int]]:
     if isinstance(prompts, Tensor):
         prompts = prompts.tolist()
