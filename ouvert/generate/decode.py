@@ -8,6 +8,7 @@ it once the decoded text contains them.
 
 from __future__ import annotations
 
+import functools
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -127,7 +128,7 @@ def stream(
     tokens, mask = pad_left(batch)
     tokens, mask = tokens.to(device), mask.to(device)
     cache = Cache(model, B, longest + max_new_tokens)
-    step_fn = compiled_decode_step(model) if compile else decode_step
+    decode = compiled_decode_step(model) if compile else functools.partial(decode_step, model)
     logits, position = prefill(model, tokens, mask, cache)
     seen = None
     if params.repetition_penalty != 1.0:
@@ -159,7 +160,7 @@ def stream(
             return
         if seen is not None:
             seen.scatter_(1, nxt.unsqueeze(1), True)
-        logits = step_fn(nxt, position, cache) if compile else decode_step(model, nxt, position, cache)
+        logits = decode(nxt, position, cache)
         position = position + 1
 
 
