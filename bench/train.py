@@ -28,20 +28,10 @@ import time
 
 import torch
 import torch.nn.functional as F
+from bench_decode import matmul_peak
 
 import ouvert
 from ouvert.checkpoint.hf import hf_state_dict
-
-
-def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
 
 
 def flops_per_token(cfg, params: int, seq_len: int) -> float:
@@ -117,7 +107,7 @@ def main() -> None:
           f"{args.seq_len}, {args.threads} threads; max logit difference ouvert vs transformers {d:.2e}")
 
     fpt = flops_per_token(cfg, params, args.seq_len)
-    peaks = {"float32": matmul_peak(torch.float32), "bf16-autocast": matmul_peak(torch.bfloat16)}
+    peaks = {"float32": matmul_peak(torch.float32, 5), "bf16-autocast": matmul_peak(torch.bfloat16, 5)}
     print(f"matmul peak: float32 {peaks['float32'] / 1e9:.1f} GFLOP/s, bfloat16 {peaks['bf16-autocast'] / 1e9:.1f}")
     runs = []
     for variant in args.variants.split(","):
