@@ -31,21 +31,18 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def architecture_rows(path: Path) -> list[tuple[str, str]]:
+def architecture_rows(cfg) -> list[tuple[str, str]]:
     """`ouvert info`'s rows, from a model built on the meta device (no weights read)."""
     import torch
 
-    from ouvert.checkpoint.hf import read_config
     from ouvert.cli import describe
     from ouvert.model import Transformer
 
-    cfg = read_config(path)
     with torch.device("meta"):
         model = Transformer(cfg)
     rows = [r for r in describe(model) if r[0] not in ("dtype", "mtp")]
-    dtype = json.loads((path / "config.json").read_text()).get("torch_dtype")
-    if dtype:
-        rows.insert(2, ("dtype", dtype))
+    if cfg.torch_dtype:
+        rows.insert(2, ("dtype", cfg.torch_dtype))
     return rows
 
 
@@ -99,15 +96,17 @@ def _training_section(record: dict[str, Any]) -> list[str]:
 
 def render(path: str | Path, license: str | None = None) -> str:
     """The card's Markdown; also (re)draws loss.png beside it when the checkpoint has metrics."""
+    from ouvert.checkpoint.hf import read_config
     from ouvert.train.loop import plot_losses
 
     path = Path(path)
+    cfg = read_config(path)
     try:
         record = manifest.read(path)
     except manifest.ManifestError as e:
         print(f"warning: {e}", file=sys.stderr)
         record = {}
-    arch = json.loads((path / "config.json").read_text()).get("model_type", "?")
+    arch = cfg.model_type
     name = path.resolve().name
     if name.startswith("step-"):  # a training checkpoint: name it by its run
         name = f"{path.resolve().parent.name}, {name}"
@@ -121,7 +120,7 @@ def render(path: str | Path, license: str | None = None) -> str:
     what = (f"A {arch} model trained with ouvert ({record['train_config']['objective']})" if trained
             else f"A {arch} checkpoint")
     out += [what + ". Every figure below is read from its `config.json` and `ouvert.json`.", ""]
-    out += ["## Architecture", "", _table(architecture_rows(path), ("property", "value")), ""]
+    out += ["## Architecture", "", _table(architecture_rows(cfg), ("property", "value")), ""]
     if trained:
         out += _training_section(record)
     out += ["## Lineage", ""]
@@ -171,7 +170,7 @@ def render(path: str | Path, license: str | None = None) -> str:
             "A research artifact: for studying, evaluating and fine-tuning language models. It has not been "
             "aligned or safety-tested; it can produce text that is wrong, offensive or that repeats its training "
             "data. It knows only what its training data above contains, in the languages it contains, and within "
-            f"a context of {json.loads((path / 'config.json').read_text()).get('max_position_embeddings')} tokens"
+            f"a context of {cfg.max_position_embeddings} tokens"
             + (f" (trained on sequences of {record['train_config']['seq_len']})" if trained else "") + ". "
             "Do not use it for decisions about people.", ""]
     return "\n".join(out)
