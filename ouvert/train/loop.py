@@ -329,8 +329,9 @@ def train(c: TrainConfig, resume: bool = False) -> Path:
                 (loss / c.grad_accum).backward()
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + float(v) / c.grad_accum
-            tok_since += task.tokens(batch) * d.world_size
-            tokens_seen += task.tokens(batch) * d.world_size
+            n_tokens = task.tokens(batch) * d.world_size
+            tok_since += n_tokens
+            tokens_seen += n_tokens
             for acc, m in zip(counts, moes):
                 if m.last_counts is not None:  # an MTP module's MoE only runs with the MTP loss on
                     acc += m.last_counts.to(acc.dtype)
