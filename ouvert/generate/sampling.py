@@ -60,12 +60,16 @@ def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0, min_p: flo
     return logits
 
 
+def probabilities(logits: Tensor, params: SamplingParams) -> Tensor:
+    """logits (..., V) -> the distribution `sample` draws from (temperature, top-k/p, min-p), float32."""
+    return filter_logits(logits.float() / params.temperature, params.top_k, params.top_p, params.min_p).softmax(-1)
+
+
 def sample(logits: Tensor, params: SamplingParams, generators: list[torch.Generator] | None = None) -> Tensor:
     """logits (B, V) -> token ids (B,)."""
     if params.greedy:
         return logits.argmax(dim=-1)
-    logits = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p, params.min_p)
-    probs = logits.softmax(dim=-1)
+    probs = probabilities(logits, params)
     if generators is None:
         return torch.multinomial(probs, 1).squeeze(-1)
     return torch.cat([torch.multinomial(probs[i : i + 1], 1, generator=g) for i, g in enumerate(generators)]).view(-1)

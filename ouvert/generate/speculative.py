@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ouvert.generate.cache import Cache
 from ouvert.generate.decode import decode_step
-from ouvert.generate.sampling import SamplingParams, filter_logits
+from ouvert.generate.sampling import SamplingParams, probabilities
 
 
 @dataclass
@@ -51,11 +51,6 @@ class SpeculativeOutput:
 
 
 # ---- the acceptance rules --------------------------------------------------------------------------
-
-
-def probabilities(logits: Tensor, params: SamplingParams) -> Tensor:
-    """logits (..., V) -> the distribution `sample` draws from (temperature, top-k/p, min-p), float32."""
-    return filter_logits(logits.float() / params.temperature, params.top_k, params.top_p, params.min_p).softmax(-1)
 
 
 def accept_greedy(logits: Tensor, drafts: Tensor) -> tuple[int, int]:
