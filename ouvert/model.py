@@ -286,6 +286,14 @@ class Experts(nn.Module):
         self.gate_proj = nn.Parameter(torch.empty(n, hidden, dim))
         self.up_proj = nn.Parameter(torch.empty(n, hidden, dim))
         self.down_proj = nn.Parameter(torch.empty(n, dim, hidden))
+        # None: each expert runs its tokens as one matmul. An int t: in matmuls of exactly t rows
+        # (the last padded). A CPU matmul rounds a row the same whatever the other rows hold, but
+        # differently for another row count, so with tiles a token's output does not depend on
+        # how many other tokens chose its experts: the serving engine's batch invariance.
+        self.row_tile: int | None = None
+
+    def expert(self, e: int, x: Tensor) -> Tensor:
+        return (F.silu(x @ self.gate_proj[e].T) * (x @ self.up_proj[e].T)) @ self.down_proj[e].T
 
     def forward(self, x: Tensor, expert_idx: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
         """x (N, D); expert_idx, weight (N, k). Returns sum_k weight * expert(x) (N, D) and the
@@ -300,13 +308,17 @@ class Experts(nn.Module):
         token = order // k  # which token each sorted pair belongs to
         xs = x[token]  # (N*k, D)
         out = torch.empty_like(xs)
-        start = 0
+        start, t = 0, self.row_tile
         for e, n in enumerate(counts.tolist()):
             if n:
                 xe = xs[start : start + n]
-                h = F.silu(xe @ self.gate_proj[e].T) * (xe @ self.up_proj[e].T)
-                out[start : start + n] = h @ self.down_proj[e].T
+                if t:
+                    xe = F.pad(xe, (0, 0, 0, -n % t))
+                    out[start : start + n] = torch.cat([self.expert(e, xe[i : i + t]) for i in range(0, n, t)])[:n]
+                else:
+                    out[start : start + n] = self.expert(e, xe)
                 start += n
+        # index_add_ sums a token's k outputs in the order of its own expert ids: batch-independent.
         out = out * weight.flatten()[order].unsqueeze(-1).to(out.dtype)
         y = torch.zeros_like(x).index_add_(0, token, out)
         return y, counts

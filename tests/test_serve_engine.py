@@ -19,6 +19,10 @@ LLAMA = dict(model_type="llama", vocab_size=128256, hidden_size=64, intermediate
              bos_token_id=128000, eos_token_id=128001)
 MLA = dict(LLAMA, model_type="deepseek_v3", kv_lora_rank=32, q_lora_rank=None, qk_nope_head_dim=16,
            qk_rope_head_dim=8, v_head_dim=16, num_key_value_heads=4)
+# DeepSeek-V3 with routed experts: a dense first layer, then MoE with group-limited sigmoid routing.
+MOE = dict(MLA, n_routed_experts=16, num_experts_per_tok=4, n_shared_experts=1, moe_intermediate_size=32,
+           first_k_dense_replace=1, n_group=4, topk_group=2, topk_method="noaux_tc", scoring_func="sigmoid",
+           norm_topk_prob=True, routed_scaling_factor=2.5)
 
 
 def tiny(cfg: dict, std: float = 0.2, seed: int = 0) -> Transformer:
@@ -78,24 +82,27 @@ def trace(outs) -> list[tuple[int, float]]:
     return [(e.token_id, e.logprob) for o in outs for e in o.logprobs or []]
 
 
-def test_batch_invariance(llama, tok):
+@pytest.mark.parametrize("cfg", [LLAMA, MOE], ids=["gqa", "moe"])
+def test_batch_invariance(cfg, tok):
     """A request's tokens and log-probabilities, bit for bit, do not depend on what else runs: each
     of 8 requests (greedy and seeded sampling, prompts of different lengths, arriving together,
-    so attention lengths and prefill chunks interleave) gets what it gets alone."""
+    so attention lengths and prefill chunks interleave) gets what it gets alone. For the MoE model
+    the other requests also change how many tokens each expert gets in a decode step."""
+    model = tiny(cfg)
     ps = prompts(tok)
 
     def reqs():
         return [Request(p, 16, temperature=0.0 if i % 2 else 1.0, seed=100 + i, logprobs=0, ignore_eos=True)
                 for i, p in enumerate(ps)]
 
-    alone = [trace(run(Engine(llama, tok, max_batch=8, chunk=16), [r])[0]) for r in reqs()]
-    together = [trace(o) for o in run(Engine(llama, tok, max_batch=8, chunk=16), reqs())]
+    alone = [trace(run(Engine(model, tok, max_batch=8, chunk=16), [r])[0]) for r in reqs()]
+    together = [trace(o) for o in run(Engine(model, tok, max_batch=8, chunk=16), reqs())]
     assert together == alone
     # The comparison is fine enough to see a change of matmul shape: one slot instead of eight.
-    assert trace(run(Engine(llama, tok, max_batch=1, chunk=16), reqs()[:1])[0]) != alone[0]
+    assert trace(run(Engine(model, tok, max_batch=1, chunk=16), reqs()[:1])[0]) != alone[0]
     # and the seeds matter
     other = Request(ps[0], 16, seed=999, logprobs=0, ignore_eos=True)
-    assert trace(run(Engine(llama, tok, max_batch=8, chunk=16), [other])[0]) != alone[0]
+    assert trace(run(Engine(model, tok, max_batch=8, chunk=16), [other])[0]) != alone[0]
 
 
 def test_prefix_cache_is_exact(llama, tok):

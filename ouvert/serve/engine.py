@@ -17,8 +17,9 @@ and a prefix is reused only in whole chunks, so a reused prefix holds exactly th
 request would have computed itself. The attention length of a decode step is rounded up to a
 multiple of `chunk` over the longest running request; scaled_dot_product_attention gives each
 row the same result whatever the extra masked length (tests/test_serve_engine.py checks both).
-Each request samples with its own torch.Generator. Mixture-of-experts layers group tokens by
-expert across the batch, so DeepSeek MoE models are not batch-invariant here.
+Mixture-of-experts layers group the batch's tokens by expert, so how many rows an expert's matmul
+has depends on the other requests: the engine sets each Experts' `row_tile`, and experts then run
+in matmuls of exactly ROW_TILE rows. Each request samples with its own torch.Generator.
 
 This is no second generate: it calls the model's forward with its own cache (serve/cache.py),
 samples with generate.sampling, decodes text with the tokenizer's StreamDecoder.
@@ -41,10 +42,14 @@ import torch
 from torch import Tensor
 
 from ouvert.generate.sampling import SamplingParams, sample
+from ouvert.model import Experts
 from ouvert.serve.cache import SlotCache
 
 if TYPE_CHECKING:
     from ouvert.serve.grammar import Grammar
+
+
+ROW_TILE = 8  # rows per expert matmul: in a decode step most experts get fewer tokens than this
 
 
 class QueueFull(Exception):
@@ -213,6 +218,9 @@ class Engine:
         stop_token_ids: list[int] | None = None,
     ):
         self.model, self.tokenizer = model.eval(), tokenizer
+        for m in model.modules():
+            if isinstance(m, Experts):
+                m.row_tile = ROW_TILE  # batch invariance for MoE (module docstring)
         cfg = model.config
         self.device = model.embed_tokens.weight.device
         self.vocab_size = cfg.vocab_size
