@@ -25,12 +25,25 @@ quantize_model and saved beside it, loaded with ouvert.load_model; its transform
 model again, timed interleaved with it. Their decode ceiling counts the quantized bytes (integers,
 scales and zeros) for the quantized Linears, float for the rest (embedding, head, norms).
 
+llama.cpp rows (--llama-types f32,bf16,q8_0,q4_0; the PyPI package llama-cpp-python): the same
+checkpoint exported with ouvert's own exporter (`python -m ouvert export gguf`, cached in bench/out/
+as {shape}-seed{seed}-{type}.gguf; f32, q8_0 and q4_0 from the float32 checkpoint, bf16 from the
+bfloat16 one), run in a subprocess of --llama-python (default: this python) with n_threads =
+--threads: one llm.eval over the same prompt (prefill), then greedy new tokens one llm.eval at a
+time, the argmax of llama_get_logits_ith; timed as ours, best of --repeats, after a warm-up. The
+subprocess also reports its peak resident memory (VmHWM: the mapped GGUF pages it touched plus the
+KV cache and buffers). Decode ceiling: read bandwidth / (the GGUF's tensor bytes, the untied
+embedding as one row and k/E of the routed experts, plus an f16 K and V cache at the mean
+context). A missing or crashing llama_cpp (a native build that uses AMX where the kernel does not
+allow it dies with SIGILL; see bench/README.md) is reported and its rows skipped.
+
 Ends with one line of JSON holding every figure.
 
     .venv/bin/python bench/bench_decode.py                    # full run, both shapes, both dtypes
     .venv/bin/python bench/bench_decode.py --shapes smollm2-135m --dtypes float32 \
         --prompt-len 64 --new-tokens 8 --repeats 1            # a quick check
     .venv/bin/python bench/bench_decode.py --shapes smollm2-135m --quant int8,int4  # float, int8, int4 rows
+    .venv/bin/python bench/bench_decode.py --llama-python /tmp/llamavenv2/bin/python  # with llama.cpp rows
 """
 
 from __future__ import annotations
@@ -39,7 +52,10 @@ import argparse
 import gc
 import json
 import os
+import signal
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -51,7 +67,8 @@ from ouvert.generate.cache import Cache
 from ouvert.generate.decode import prefill
 from ouvert.quantize import linear_names, quantize_model, swap_linears
 
-OUT = Path(__file__).resolve().parent / "out"
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "bench" / "out"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 LIBS = ("ouvert", "transformers")
 
@@ -300,7 +317,171 @@ def measure(models: dict, prompt: torch.Tensor, new_tokens: int, repeats: int, m
     a, b = runs["ouvert"][-1][2], runs["transformers"][-1][2]
     same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
     res["greedy_tokens_equal"] = same  # leading new tokens on which both libraries agree
+    res["ouvert_greedy_ids"] = a  # the last repeat's, for llama.cpp's rows to compare with
     return res
+
+
+# ---- llama.cpp ---------------------------------------------------------------------------------
+
+# Which ouvert row each llama.cpp type stands beside, and the checkpoint its GGUF is exported from.
+LLAMA_TYPES = {"f32": ("float32", "none"), "bf16": ("bfloat16", "none"),
+               "q8_0": ("bfloat16", "int8"), "q4_0": ("bfloat16", "int4")}
+LLAMA_SOURCE = {"f32": "float32", "bf16": "bfloat16", "q8_0": "float32", "q4_0": "float32"}
+
+# Runs in --llama-python (which need not have torch): argv[1] is a JSON of settings; prints one
+# JSON line: the runs (prefill s, decode s per token, greedy ids) and /proc/self/status figures.
+LLAMA_WORKER = r"""
+import json, sys, time
+a = json.loads(sys.argv[1])
+
+def status(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+
+try:
+    import numpy as np
+    import llama_cpp
+except Exception as e:
+    print(json.dumps({"error": f"cannot import llama_cpp in {sys.executable}: {e!r}"}))
+    sys.exit(0)
+rss_base = status("VmRSS")
+t0 = time.perf_counter()
+llm = llama_cpp.Llama(model_path=a["gguf"], n_threads=a["threads"], n_threads_batch=a["threads"],
+                      n_ctx=a["n_ctx"], n_batch=a["n_batch"], n_ubatch=a["n_batch"], logits_all=False,
+                      verbose=False)
+t_load = time.perf_counter() - t0
+n_vocab, ctx = llm.n_vocab(), llm._ctx.ctx
+
+def argmax():
+    return int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, -1), shape=(n_vocab,))))
+
+def run(prompt, new):
+    llm.reset()  # the next eval drops the whole KV cache
+    t0 = time.perf_counter()
+    llm.eval(prompt)
+    t_prefill = time.perf_counter() - t0
+    ids, times = [argmax()], [time.perf_counter()]
+    for _ in range(new - 1):
+        llm.eval([ids[-1]])
+        ids.append(argmax())
+        times.append(time.perf_counter())
+    return t_prefill, (times[-1] - times[0]) / max(new - 1, 1), ids
+
+run(a["prompt"], 4)  # warm-up
+runs = []
+for r in range(a["repeats"]):
+    runs.append(run(a["prompt"], a["new_tokens"]))
+    print(f"  [{r + 1}/{a['repeats']}] llama.cpp    prefill {len(a['prompt']) / runs[-1][0]:8.1f} tok/s  "
+          f"decode {1 / runs[-1][1]:7.2f} tok/s", file=sys.stderr, flush=True)
+print(json.dumps({"runs": runs, "load_s": t_load, "rss_base": rss_base, "rss_peak": status("VmHWM"),
+                  "version": llama_cpp.__version__}))
+"""
+
+
+def ensure_gguf_tokenizer() -> Path:
+    """A small byte-level BPE tokenizer (ouvert's trainer, on ouvert's sources), cached in OUT: a GGUF
+    file must carry one. The benchmark feeds token ids, so which tokenizer does not matter; the ids
+    it does not use are written as unused tokens."""
+    from ouvert.tokenizer import train_tokenizer
+
+    out = OUT / "gguf-tokenizer"
+    if not (out / "tokenizer.json").is_file():
+        train_tokenizer(sorted((ROOT / "ouvert").glob("**/*.py")), 1024, out)
+    return out
+
+
+def ensure_gguf(cfg: ModelConfig, name: str, kind: str, seed: int = 0) -> Path:
+    """OUT/{name}-seed{seed}-{kind}.gguf, written by `python -m ouvert export gguf` from the cached
+    checkpoint (built if missing, from the same seed)."""
+    src_dtype = LLAMA_SOURCE[kind]
+    src = ensure_checkpoints(cfg, name, [src_dtype], seed)[src_dtype]
+    out = OUT / f"{name}-seed{seed}-{kind}.gguf"
+    if not out.is_file():
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "ouvert", "export", "gguf", "--model", str(src), "--out", str(out),
+                        "--type", kind, "--tokenizer", str(ensure_gguf_tokenizer())], check=True)
+        print(f"  exported {out.name} in {time.perf_counter() - t0:.0f} s", flush=True)
+    return out
+
+
+def gguf_decode_bytes_per_token(path: Path, cfg: ModelConfig, context: int) -> dict[str, int]:
+    """What llama.cpp reads per decoded token: every tensor of the GGUF in its stored type (an untied
+    embedding as one row; k/E of the stacked routed experts), plus its KV cache at `context`,
+    f16 K and V (llama.cpp's default) of the lengths the file declares per layer."""
+    from ouvert.checkpoint.gguf import GGUFFile
+
+    f = GGUFFile(path)
+    untied = "output.weight" in f.tensors
+    active = cfg.num_experts_per_tok / cfg.n_routed_experts if cfg.n_routed_experts else 1.0
+    weights = 0.0
+    for tname, t in f.tensors.items():
+        n = t.data.nbytes
+        if tname == "token_embd.weight" and untied:
+            n = n / t.shape[0]
+        elif "_exps." in tname:
+            n = n * active
+        weights += n
+    arch = f.fields["general.architecture"]
+    kv_len = f.fields[f"{arch}.attention.key_length"] + f.fields[f"{arch}.attention.value_length"]
+    kv = cfg.num_hidden_layers * f.fields[f"{arch}.attention.head_count_kv"] * kv_len * 2 * context
+    return {"weights": int(weights), "kv_cache": kv, "total": int(weights) + kv, "file": path.stat().st_size}
+
+
+def run_llama_cpp(python: str, gguf: Path, prompt: list[int], args) -> dict:
+    """Time one GGUF in a subprocess of `python`; {"error": why} when it cannot."""
+    settings = {"gguf": str(gguf), "threads": args.threads, "prompt": prompt, "new_tokens": args.new_tokens,
+                "repeats": args.repeats, "n_ctx": len(prompt) + args.new_tokens + 16, "n_batch": len(prompt)}
+    try:
+        p = subprocess.run([python, "-c", LLAMA_WORKER, json.dumps(settings)], stdout=subprocess.PIPE,
+                           stderr=None, text=True, timeout=3600)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return {"error": repr(e)}
+    if p.returncode != 0:
+        why = f"signal {signal.Signals(-p.returncode).name}" if p.returncode < 0 else f"exit status {p.returncode}"
+        return {"error": f"{python} died with {why}"
+                + (" (an illegal instruction: a native build using AMX? see bench/README.md)"
+                   if p.returncode == -signal.SIGILL else "")}
+    lines = p.stdout.strip().splitlines()
+    return json.loads(lines[-1]) if lines else {"error": "no output"}
+
+
+def bench_llama_cpp(name: str, cfg: ModelConfig, args, machine: Machine, ouvert_rows: list[dict]) -> list[dict]:
+    """llama.cpp's rows for one shape: each type exported from the shape's checkpoint and timed."""
+    prompt = torch.randint(0, cfg.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(args.seed))
+    mean_context = args.prompt_len + args.new_tokens // 2
+    reference = {(r["dtype"], r["quant"]): r for r in ouvert_rows if not r.get("compile")}
+    rows = []
+    for kind in args.llama_types:
+        print(f"{name} llama.cpp {kind}", flush=True)
+        gguf = ensure_gguf(cfg, name, kind, args.seed)
+        machine.sample()
+        res = run_llama_cpp(args.llama_python, gguf, prompt.tolist(), args)
+        if "error" in res:
+            print(f"  llama.cpp {kind}: skipped, {res['error']}", flush=True)
+            rows.append({"shape": name, "lib": "llama.cpp", "type": kind, "error": res["error"]})
+            if res["error"].startswith("cannot import"):
+                break
+            continue
+        prefill_t = [p for p, _, _ in res["runs"]]
+        decode_t = [d for _, d, _ in res["runs"]]
+        row = {
+            "shape": name, "lib": "llama.cpp", "type": kind, "llama_cpp": res["version"], "gguf": gguf.name,
+            "beside": LLAMA_TYPES[kind], "new_tokens": args.new_tokens,
+            "prefill_tok_s": args.prompt_len / min(prefill_t),
+            "prefill_tok_s_median": args.prompt_len / statistics.median(prefill_t),
+            "decode_tok_s": 1 / min(decode_t), "decode_tok_s_median": 1 / statistics.median(decode_t),
+            "load_s": res["load_s"], "rss_base_bytes": res["rss_base"], "rss_peak_bytes": res["rss_peak"],
+            "decode_bytes_per_token": gguf_decode_bytes_per_token(gguf, cfg, mean_context),
+        }
+        ref = reference.get(LLAMA_TYPES[kind])
+        if ref is not None and "ouvert_greedy_ids" in ref:
+            a, b = res["runs"][-1][2], ref["ouvert_greedy_ids"]
+            row["greedy_tokens_equal_ouvert"] = next(
+                (i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        rows.append(row)
+    return rows
 
 
 # ---- report ------------------------------------------------------------------------------------
@@ -353,6 +534,48 @@ def add_ceilings(rows: list[dict], machine: Machine) -> None:
         r["prefill_ceiling_tok_s"] = machine.gflop_s[r["dtype"]] * 1e9 / r["prefill_flops_per_token"]
 
 
+def add_llama_ceilings(rows: list[dict], machine: Machine) -> None:
+    for r in rows:
+        if "error" not in r:
+            r["decode_ceiling_tok_s"] = machine.read_gb_s * 1e9 / r["decode_bytes_per_token"]["total"]
+
+
+def print_llama_table(llama_rows: list[dict], rows: list[dict]) -> None:
+    """llama.cpp's rows beside the ouvert row of the same precision (compiled decode where there is one)."""
+    if not llama_rows:
+        return
+    ours: dict = {}
+    for r in rows:  # the compiled row, if any, comes after the eager one and wins
+        ours[(r["shape"], r["dtype"], r["quant"])] = r
+    head = (f"{'shape':18s} {'llama.cpp':9s} {'phase':8s} {'llama.cpp':>10s} {'ouvert':>9s} {'ouvert row':18s} "
+            f"{'ratio':>6s} {'ceiling':>9s} {'llama/ceil':>10s} {'peak RSS':>9s}")
+    print(head + "  (tok/s, best of repeats; ratio: ouvert / llama.cpp)")
+    print("-" * len(head))
+    for lr in llama_rows:
+        if "error" in lr:
+            print(f"{lr['shape']:18s} {lr['type']:9s} skipped: {lr['error']}")
+            continue
+        o = ours.get((lr["shape"], *lr["beside"]))
+        label = f"{lr['beside'][0]} {lr['beside'][1]}" + ("+c" if o and o.get("compile") else "") if o else "-"
+        for phase in ("prefill", "decode"):
+            v = lr[f"{phase}_tok_s"]
+            ov = o["ouvert"][f"{phase}_tok_s"] if o else None
+            ceil = lr.get("decode_ceiling_tok_s") if phase == "decode" else None
+            print(f"{lr['shape']:18s} {lr['type']:9s} {phase:8s} {v:10.1f} "
+                  + (f"{ov:9.1f} {label:18s} {ov / v:6.2f}" if ov else f"{'-':>9s} {label:18s} {'-':>6s}")
+                  + (f" {ceil:9.1f} {v / ceil:10.0%}" if ceil else f" {'':9s} {'':10s}")
+                  + (f" {lr['rss_peak_bytes'] / 1e6:7.0f}MB" if phase == "decode" else ""))
+    print()
+    for lr in llama_rows:
+        if "error" not in lr:
+            b = lr["decode_bytes_per_token"]
+            eq = lr.get("greedy_tokens_equal_ouvert")
+            print(f"{lr['shape']} llama.cpp {lr['type']} ({lr['gguf']}, {b['file'] / 1e6:.0f} MB): decode reads "
+                  f"{b['weights'] / 1e6:.0f} MB of weights + {b['kv_cache'] / 1e6:.1f} MB of KV cache per token; "
+                  f"peak RSS {lr['rss_peak_bytes'] / 1e6:.0f} MB (after import {lr['rss_base_bytes'] / 1e6:.0f} MB)"
+                  + (f"; greedy tokens equal to ouvert's: {eq}/{lr['new_tokens']}" if eq is not None else ""))
+
+
 def print_table(rows: list[dict]) -> None:
     head = (f"{'shape':18s} {'dtype':9s} {'weights':7s} {'phase':8s} {'ouvert':>9s} {'transf.':>9s} {'ratio':>6s} "
             f"{'ceiling':>9s} {'ouv/ceil':>8s}  (tok/s, best of repeats; transformers in float; +c: compiled decode)")
@@ -399,12 +622,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", default="smollm2-135m,llama-3.2-1b", help="comma-separated ouvert presets")
     p.add_argument("--quant", default="int8,int4", help="weight-only rows beside float: int8, int4, or none")
+    p.add_argument("--llama-types", default=",".join(LLAMA_TYPES),
+                   help=f"llama.cpp rows: comma-separated from {', '.join(LLAMA_TYPES)}, or none")
+    p.add_argument("--llama-python", default=sys.executable,
+                   help="python with llama-cpp-python installed (default: this one); see bench/README.md")
+    p.add_argument("--llama-only", action="store_true", help="llama.cpp's rows alone, no ouvert / transformers")
     add_common_args(p)
     args = check_args(p, p.parse_args(argv))
     args.shapes = args.shapes.split(",")
     args.quant = [] if args.quant in ("", "none") else args.quant.split(",")
     if set(args.quant) - {"int8", "int4"}:
         p.error("--quant: choose from int8, int4, none")
+    args.llama_types = [] if args.llama_types in ("", "none") else args.llama_types.split(",")
+    if set(args.llama_types) - LLAMA_TYPES.keys():
+        p.error(f"--llama-types: choose from {', '.join(LLAMA_TYPES)}, none")
     return args
 
 
@@ -423,21 +654,38 @@ def setup(args) -> dict:
             "repeats": args.repeats, "load_average_start": load, "omp_wait_policy": omp}
 
 
+def shape_config(name: str) -> ModelConfig:
+    """An ouvert preset, or deepseek-v3-small: bench_deepseek.py's DeepSeek-V3-shaped config."""
+    if name == "deepseek-v3-small":
+        from bench_deepseek import CONFIG
+
+        return ModelConfig.from_hf(CONFIG)
+    return ouvert.preset(name)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     info = setup(args)
     t0 = time.perf_counter()
     machine = Machine(args.dtypes)
-    rows = []
+    rows, llama_rows = [], []
     for name in args.shapes:
-        rows += bench_shape(name, ouvert.preset(name), args, machine)
+        cfg = shape_config(name)
+        shape_rows = [] if args.llama_only else bench_shape(name, cfg, args, machine)
+        rows += shape_rows
+        llama_rows += bench_llama_cpp(name, cfg, args, machine, shape_rows)
     add_ceilings(rows, machine)
+    add_llama_ceilings(llama_rows, machine)
     print()
     machine.print()
-    print_table(rows)
+    if rows:
+        print_table(rows)
+        print()
+    print_llama_table(llama_rows, rows)
     print(f"total {time.perf_counter() - t0:.0f} s; load average {info['load_average_start']:.1f} at the start, "
           f"{os.getloadavg()[0]:.1f} at the end; OMP_WAIT_POLICY={info['omp_wait_policy']}")
-    print(json.dumps({"bench": "decode", **info, **machine.summary(), "results": rows}))
+    print(json.dumps({"bench": "decode", **info, "llama_python": args.llama_python, **machine.summary(),
+                      "results": rows, "llama_cpp": llama_rows}))
 
 
 if __name__ == "__main__":
