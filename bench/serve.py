@@ -13,13 +13,24 @@ prompt of --prompt-words words, --max-tokens new tokens at temperature 0.8 with 
   tokens/s    tokens generated for all clients (from usage) / wall time of the level
   ttft        time from sending a request to its first text, p50 and p99
   itl         time between consecutive text chunks of one stream, p50 and p99
-  failed      requests that did not end normally (the queue is larger than the clients)
+  failed      requests that did not end normally: an error status, a broken stream or no [DONE]
+              before --timeout (the queue is larger than the clients)
+
+llama.cpp's server (llama_cpp.server, one Llama object) runs one request at a time: every request
+takes a lock for its whole generation, so concurrent clients queue, and a queued request's TTFT
+includes its wait. By default (interrupt_requests) a streaming request is cut short with [DONE] as
+soon as another one waits; the bench turns that off, so every request runs to --max-tokens. A
+queued request is not a failure: its stream is open (sse pings every 15 s) and it fails only on an
+error or after --timeout. It runs with --threads threads (n_threads and n_threads_batch), not
+os.cpu_count(), which can exceed the cores this process may use. Both servers inherit this
+environment: on a shared machine run with OMP_WAIT_POLICY=PASSIVE (see bench/README.md); both
+builds use OpenMP, whose active waiting slows either to seconds per token when the cores are busy.
 
 The target (issue 7): at 16 clients at least 5x the tokens/s of one client, and no failure.
 The ceiling printed beside: one decode step over max_batch rows reads every weight once, so
 max_batch x (read bandwidth / weight bytes) bounds the aggregate decode rate.
 
-    .venv/bin/python bench/serve.py --llama-python /tmp/llamavenv/bin/python   # both servers
+    .venv/bin/python bench/serve.py --llama-python /tmp/llamavenv2/bin/python  # both servers
     .venv/bin/python bench/serve.py --levels 1 4 --max-tokens 32                # ouvert, a quick check
 
 Ends with one line of JSON.
@@ -209,11 +220,11 @@ def pct(xs: list[float], q: float) -> float | None:
 
 
 async def run_level(url: str, model: str, clients: int, requests_each: int, prompts: list[str],
-                    max_tokens: int) -> dict:
+                    max_tokens: int, timeout: float = 1800) -> dict:
     import httpx2 as httpx
 
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=30), limits=limits) as client:
         async def worker(w: int) -> list[dict]:
             return [await one_request(client, url, model, prompts[(w * requests_each + k) % len(prompts)],
                                       max_tokens, seed=w * 1000 + k) for k in range(requests_each)]
@@ -240,13 +251,15 @@ def bench_server(name: str, url: str, model: str, levels: list[int], args, promp
     rows = []
     asyncio.run(run_level(url, model, 1, 1, prompts, 8))  # warm-up
     for c in levels:
-        row = asyncio.run(run_level(url, model, c, args.requests_per_client, prompts, args.max_tokens))
-        row["server"] = name
+        load = os.getloadavg()[0]
+        row = asyncio.run(run_level(url, model, c, args.requests_per_client, prompts, args.max_tokens, args.timeout))
+        row.update(server=name, load_average_start=load, load_average_end=os.getloadavg()[0])
         rows.append(row)
         print(f"{name:>9} {c:>3} clients: {row['tokens_per_s']:8.1f} tokens/s  "
               f"ttft p50 {row['ttft_p50_s'] or 0:.3f} p99 {row['ttft_p99_s'] or 0:.3f} s  "
               f"itl p50 {row['itl_p50_s'] or 0:.4f} p99 {row['itl_p99_s'] or 0:.4f} s  "
-              f"failed {row['failed']}/{row['requests']}", flush=True)
+              f"failed {row['failed']}/{row['requests']}  (load {row['load_average_start']:.1f} -> "
+              f"{row['load_average_end']:.1f})", flush=True)
     return rows
 
 
@@ -270,7 +283,13 @@ def main(argv=None) -> None:
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--llama-python", help="python with llama-cpp-python[server] installed")
     ap.add_argument("--llama-gguf", help="GGUF file of the same model, for llama.cpp")
+    ap.add_argument("--threads", type=int, default=2, help="llama.cpp's n_threads and n_threads_batch")
+    ap.add_argument("--timeout", type=float, default=1800,
+                    help="seconds a client waits for the next bytes of a response (a request queued in "
+                         "llama.cpp waits for the ones ahead of it)")
     args = ap.parse_args(argv)
+    load_start, omp = os.getloadavg()[0], os.environ.get("OMP_WAIT_POLICY")
+    print(f"load average {load_start:.1f} at the start; OMP_WAIT_POLICY={omp}", flush=True)
 
     model_dir, gguf_file, what = ensure_model()
     prompts = make_prompts(model_dir, args.prompt_words)
@@ -291,7 +310,8 @@ def main(argv=None) -> None:
     if args.llama_python and llama_gguf:
         port = free_port()
         cmd = [args.llama_python, "-m", "llama_cpp.server", "--model", str(llama_gguf), "--port", str(port),
-               "--n_ctx", "512", "--model_alias", "smollm2-135m", "--n_threads", str(os.cpu_count()),
+               "--n_ctx", "512", "--model_alias", "smollm2-135m", "--n_threads", str(args.threads),
+               "--n_threads_batch", str(args.threads),
                "--interrupt_requests", "False"]  # by default a new request cuts the streaming one short
         proc = start_server(cmd, port, logs / "llama-cpp.log")
         try:
@@ -308,8 +328,11 @@ def main(argv=None) -> None:
         scale = round(by["ouvert", 16]["tokens_per_s"] / by["ouvert", 1]["tokens_per_s"], 2)
     print(f"ouvert: 16 clients give {scale}x the tokens/s of one (target >= 5x); decode ceiling at "
           f"{args.max_batch} rows: {ceiling:,.0f} tokens/s (read bandwidth / weight bytes x rows)")
+    print(f"load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end; OMP_WAIT_POLICY={omp}")
     print(json.dumps({"bench": "serve", "model": what,
                       "max_tokens": args.max_tokens, "prompt_words": args.prompt_words, "max_batch": args.max_batch,
+                      "llama_threads": args.threads, "timeout_s": args.timeout, "omp_wait_policy": omp,
+                      "load_average_start": load_start, "load_average_end": os.getloadavg()[0],
                       "rows": rows, "scale_16_over_1": scale, "decode_ceiling_tokens_per_s": round(ceiling),
                       "llama_cpp": llama}))
 
