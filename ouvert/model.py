@@ -302,6 +302,8 @@ class Experts(nn.Module):
         Token-expert pairs are sorted by expert, so each expert runs its tokens as one matmul:
         a loop over experts, never over tokens."""
         N, k = expert_idx.shape
+        if torch.compiler.is_compiling() and N * k <= self.gate_proj.shape[0]:
+            return self.gathered(x, expert_idx, weight)
         flat = expert_idx.flatten()
         order = flat.argsort(stable=True)
         counts = torch.bincount(flat, minlength=self.gate_proj.shape[0])
@@ -322,6 +324,19 @@ class Experts(nn.Module):
         out = out * weight.flatten()[order].unsqueeze(-1).to(out.dtype)
         y = torch.zeros_like(x).index_add_(0, token, out)
         return y, counts
+
+    def gathered(self, x: Tensor, expert_idx: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+        """forward for a few tokens under torch.compile (a decode step): every (token, expert)
+        pair on its own, as products summed over the input dimension. Shapes do not depend on
+        the routing, so the step stays one graph, and inductor fuses the indexing of the stacked
+        weights into the reductions: each chosen expert is read once, never copied. (Eagerly this
+        would materialise the products; forward keeps the sorted dispatch there.)"""
+        xk = x[:, None, None, :]  # (N, 1, 1, D)
+        h = F.silu((xk * self.gate_proj[expert_idx]).sum(-1)) * (xk * self.up_proj[expert_idx]).sum(-1)
+        out = (h[:, :, None, :] * self.down_proj[expert_idx]).sum(-1)  # (N, k, D)
+        y = (out * weight.unsqueeze(-1).to(out.dtype)).sum(1)
+        counts = torch.zeros(self.gate_proj.shape[0], dtype=torch.long, device=x.device)
+        return y, counts.index_add_(0, expert_idx.flatten(), torch.ones_like(expert_idx.flatten()))
 
 
 class Router(nn.Module):

@@ -222,6 +222,38 @@ def test_grouped_moe_equals_per_token_loop(kind):
         assert (moe(x) - ref.view_as(x)).abs().max().item() < 1e-5
 
 
+def test_compiled_moe_decode_is_one_graph_and_equals_eager():
+    """Under torch.compile a decode step routes through Experts.gathered (fixed shapes): the whole
+    step is one graph with no break, and its logits equal the eager sorted dispatch's (float32,
+    1e-5) over several steps of a batch of two, as do the expert counts."""
+    import torch._dynamo
+
+    from ouvert.generate.decode import compiled_decode_step
+    from ouvert.model import Transformer
+
+    cfg = _moe_config("v3", num_hidden_layers=3, first_k_dense_replace=1, intermediate_size=48)
+    model = Transformer(cfg)
+    model.init_weights(std=0.3, generator=torch.Generator().manual_seed(0))
+    model.eval()
+    tokens, mask = pad_left([[5, 6, 7, 8, 9], [3, 4]])
+    caches = [Cache(model, 2, 32), Cache(model, 2, 32)]
+    for c in caches:
+        logits, pos = prefill(model, tokens, mask, c)
+    step = compiled_decode_step(model)
+    tok = logits.argmax(-1)
+    for _ in range(4):
+        a = step(tok, pos, caches[0])
+        compiled_counts = [m.last_counts.clone() for m in model.modules() if isinstance(m, MoE)]
+        b = decode_step(model, tok, pos, caches[1])
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        assert all(torch.equal(c, m.last_counts) for c, m in
+                   zip(compiled_counts, [m for m in model.modules() if isinstance(m, MoE)]))
+        tok, pos = b.argmax(-1), pos + 1
+    with torch.inference_mode():
+        explained = torch._dynamo.explain(model)(tok[:, None], pos[:, None], caches[0], last_only=True)
+    assert explained.graph_break_count == 0, explained.break_reasons
+
+
 def test_experts_dispatch_edge_cases():
     """Experts that get no token, one expert that gets every token, one token."""
     cfg = _moe_config("v3")
