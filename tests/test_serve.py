@@ -206,16 +206,38 @@ def test_named_tool_choice_streams(client):
     kw = dict(max_tokens=64, temperature=1.0, seed=5, tools=[WEATHER, TIME],
               tool_choice={"type": "function", "function": {"name": "get_time"}})
     whole = chat(client, **kw).choices[0].message.tool_calls[0]
-    name, args, finish = None, "", None
+    deltas, finish = [], None
     for ch in chat(client, stream=True, **kw):
         for c in ch.choices:
-            for tc in c.delta.tool_calls or []:
-                name = name or tc.function.name
-                args += tc.function.arguments or ""
+            deltas += c.delta.tool_calls or []
             finish = c.finish_reason or finish
-    assert name == whole.function.name == "get_time" and finish == "tool_calls"
-    assert args == whole.function.arguments
+    # The first delta names the call; its arguments then arrive piece by piece as they are generated.
+    first, rest = deltas[0], deltas[1:]
+    assert first.id.startswith("call_") and first.function.name == whole.function.name == "get_time"
+    assert len(rest) > 1 and all(d.index == 0 and d.id is None and d.function.name is None for d in rest)
+    args = "".join(d.function.arguments for d in deltas)
+    assert finish == "tool_calls" and json.loads(args) == json.loads(whole.function.arguments)
     jsonschema.validate(json.loads(args), TIME["function"]["parameters"])
+
+
+def test_tool_call_stream_parser():
+    """CallStream, fed a few characters at a time, gives each call's name once and its arguments
+    in pieces whose join is the arguments' JSON; strings with braces and escapes do not fool it."""
+    text = ('<|python_tag|>{"name": "get_weather", "parameters": {"city": "Pa\\"ris}", "days": [1, {"a": 2}]}}; '
+            '{"name": "get_time", "parameters": {}}')
+    for step in (1, 4, len(text)):
+        cs = tool_fmt.CallStream("llama", {"get_weather", "get_time"})
+        deltas = [d for j in range(0, len(text), step) for d in cs.feed(text[j : j + step])]
+        names = [d["function"]["name"] for d in deltas if "id" in d]
+        args = ["".join(d["function"]["arguments"] for d in deltas if d["index"] == k) for k in (0, 1)]
+        assert names == ["get_weather", "get_time"] and cs.state == "head"
+        assert [json.loads(a) for a in args] == [{"city": 'Pa"ris}', "days": [1, {"a": 2}]}, {}]
+    hermes = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>'
+    cs = tool_fmt.CallStream("hermes", {"get_weather"})
+    deltas = [d for ch in hermes for d in cs.feed(ch)]
+    assert "".join(d["function"]["arguments"] for d in deltas) == '{"city": "Rome"}' and cs.state == "head"
+    unknown = tool_fmt.CallStream("llama", {"get_weather"})
+    assert unknown.feed('{"name": "rm_rf", "parameters": {}}') == [] and not unknown.started
 
 
 def test_tools_in_the_prompt(llama3_tokenizer_dir):

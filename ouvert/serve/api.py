@@ -501,6 +501,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
             finals: list[Output | None] = [None] * n
             held = [""] * n  # text held while it may be a tool call
             mode = ["call" if forced else ("undecided" if tools_on else "text") for _ in range(n)]
+            calls = [tool_fmt.CallStream(fmt, names) for _ in range(n)]  # a call's arguments stream as written
             try:
                 for i in range(n):
                     yield chunk(i, {"role": "assistant", "content": ""})
@@ -509,10 +510,15 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
                     lps = {"content": [chat_logprob(e) for e in out.logprobs]} if out.logprobs else None
                     if mode[i] != "text":
                         held[i] += out.text
+                        new = out.text
                         if mode[i] == "undecided":
                             verdict = tool_fmt.may_be_call(held[i], fmt)
                             mode[i] = "text" if verdict is False else ("call" if verdict else "undecided")
-                        if mode[i] == "text" and held[i]:
+                            new = held[i]  # all of it goes out as the call or as content
+                        if mode[i] == "call":
+                            for delta in calls[i].feed(new):
+                                yield chunk(i, {"tool_calls": [delta]})
+                        elif mode[i] == "text" and held[i]:
                             yield chunk(i, {"content": held[i]}, logprobs=lps)
                             held[i] = ""
                     elif out.text or lps:
@@ -524,7 +530,9 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
                         yield sse(error_body("The server had an error while generating.", "server_error"))
                         return
                     finish = out.finish_reason
-                    if held[i]:
+                    if calls[i].started:  # the calls went out as they came; a call cut short keeps "length"
+                        finish = "tool_calls" if calls[i].state == "head" else finish
+                    elif held[i]:
                         msg, finish = message(held[i], finish)
                         if msg.get("content"):
                             yield chunk(i, {"content": msg["content"]})

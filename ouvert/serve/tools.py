@@ -174,3 +174,90 @@ def parse_calls(text: str, fmt: str, names: set[str]) -> tuple[str, list[dict]] 
             "function": {"name": o["name"], "arguments": json.dumps(args, ensure_ascii=False)},
         })
     return content, calls
+
+
+# A call's head, up to where its arguments object starts: the name must come first, as our
+# grammar and Llama's and Hermes' formats write it.
+_CALL_HEAD = {
+    "llama": re.compile(r'[\s;]*(?:' + re.escape(PYTHON_TAG) + r')?\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,'
+                        r'\s*"(?:parameters|arguments)"\s*:\s*'),
+    "hermes": re.compile(r'\s*' + re.escape(HERMES_OPEN) + r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,'
+                         r'\s*"(?:arguments|parameters)"\s*:\s*'),
+}
+_CALL_TAIL = {"llama": re.compile(r"\s*\}"), "hermes": re.compile(r"\s*\}\s*" + re.escape(HERMES_CLOSE))}
+
+
+class CallStream:
+    """Tool calls as OpenAI streams them, while the model writes them: `feed` the text as it comes
+    and get `tool_calls` delta entries, first {index, id, type, function: {name, arguments: ""}}
+    once a call's name is read (and is one of the tools), then pieces of its arguments' JSON text
+    as they arrive. The pieces joined are the arguments object as the model wrote it.
+
+    It stops at anything it cannot follow (another key order, an unknown name): `started` tells
+    the caller whether any call went out; if none did, the whole text is parsed at the end."""
+
+    def __init__(self, fmt: str, names: set[str]):
+        self.head, self.tail, self.names = _CALL_HEAD[fmt], _CALL_TAIL[fmt], names
+        self.text, self.pos, self.index = "", 0, -1
+        self.state = "head"  # head: before a call; args: inside its arguments; tail: after them; stuck
+        self.depth, self.in_string, self.escape = 0, False, False
+
+    @property
+    def started(self) -> bool:
+        return self.index >= 0
+
+    def feed(self, text: str) -> list[dict]:
+        self.text += text
+        out: list[dict] = []
+        while self.state != "stuck":
+            if self.state == "head":
+                m = self.head.match(self.text, self.pos)
+                if m is None or m.end() == len(self.text):  # wait until the arguments begin
+                    break
+                name = json.loads(f'"{m.group(1)}"')
+                if name not in self.names:
+                    self.state = "stuck"
+                    break
+                self.index += 1
+                out.append({"index": self.index, "id": "call_" + secrets.token_hex(12), "type": "function",
+                            "function": {"name": name, "arguments": ""}})
+                self.pos, self.state = m.end(), "args"
+            elif self.state == "args":
+                end, closed = self._scan()
+                if end > self.pos:
+                    out.append({"index": self.index, "function": {"arguments": self.text[self.pos : end]}})
+                    self.pos = end
+                if not closed:
+                    break
+                self.state = "tail"
+            else:  # tail: the call's closing brace (and </tool_call>), then maybe another call
+                m = self.tail.match(self.text, self.pos)
+                if m is None:
+                    break
+                self.pos, self.state = m.end(), "head"
+        return out
+
+    def _scan(self) -> tuple[int, bool]:
+        """Advance over the arguments' JSON from self.pos; returns where to stream up to (the end of
+        the text, or just after the arguments object) and whether the object closed there."""
+        for i in range(self.pos, len(self.text)):
+            c = self.text[i]
+            if self.in_string:
+                if self.escape:
+                    self.escape = False
+                elif c == "\\":
+                    self.escape = True
+                elif c == '"':
+                    self.in_string = False
+            elif c == '"':
+                self.in_string = True
+            elif c in "{[":
+                self.depth += 1
+            elif c in "}]":
+                self.depth -= 1
+                if self.depth == 0:
+                    return i + 1, True
+            elif self.depth == 0 and not c.isspace():  # arguments that are not an object
+                self.state = "stuck"
+                return self.pos, False
+        return len(self.text), False
