@@ -286,14 +286,25 @@ class Experts(nn.Module):
         self.gate_proj = nn.Parameter(torch.empty(n, hidden, dim))
         self.up_proj = nn.Parameter(torch.empty(n, hidden, dim))
         self.down_proj = nn.Parameter(torch.empty(n, dim, hidden))
+        self.n_experts = n
         # None: each expert runs its tokens as one matmul. An int t: in matmuls of exactly t rows
         # (the last padded). A CPU matmul rounds a row the same whatever the other rows hold, but
         # differently for another row count, so with tiles a token's output does not depend on
         # how many other tokens chose its experts: the serving engine's batch invariance.
         self.row_tile: int | None = None
 
+    def weights(self, w: str, idx, dtype: torch.dtype | None = None) -> Tensor:
+        """Projection w's (out, in) weights of expert idx, an int, or of experts idx, a tensor of
+        indices (..., out, in). Quantized subclasses (ouvert/quantize.py) dequantize them to dtype;
+        float weights come as stored."""
+        return getattr(self, w)[idx]
+
+    def proj(self, w: str, e: int, x: Tensor) -> Tensor:
+        """x (n, in) through projection w of expert e."""
+        return x @ self.weights(w, e).T
+
     def expert(self, e: int, x: Tensor) -> Tensor:
-        return (F.silu(x @ self.gate_proj[e].T) * (x @ self.up_proj[e].T)) @ self.down_proj[e].T
+        return self.proj("down_proj", e, F.silu(self.proj("gate_proj", e, x)) * self.proj("up_proj", e, x))
 
     def forward(self, x: Tensor, expert_idx: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
         """x (N, D); expert_idx, weight (N, k). Returns sum_k weight * expert(x) (N, D) and the
@@ -302,11 +313,11 @@ class Experts(nn.Module):
         Token-expert pairs are sorted by expert, so each expert runs its tokens as one matmul:
         a loop over experts, never over tokens."""
         N, k = expert_idx.shape
-        if torch.compiler.is_compiling() and N * k <= self.gate_proj.shape[0]:
+        if torch.compiler.is_compiling() and N * k <= self.n_experts:
             return self.gathered(x, expert_idx, weight)
         flat = expert_idx.flatten()
         order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.gate_proj.shape[0])
+        counts = torch.bincount(flat, minlength=self.n_experts)
         token = order // k  # which token each sorted pair belongs to
         xs = x[token]  # (N*k, D)
         out = torch.empty_like(xs)
@@ -332,10 +343,11 @@ class Experts(nn.Module):
         weights into the reductions: each chosen expert is read once, never copied. (Eagerly this
         would materialise the products; forward keeps the sorted dispatch there.)"""
         xk = x[:, None, None, :]  # (N, 1, 1, D)
-        h = F.silu((xk * self.gate_proj[expert_idx]).sum(-1)) * (xk * self.up_proj[expert_idx]).sum(-1)
-        out = (h[:, :, None, :] * self.down_proj[expert_idx]).sum(-1)  # (N, k, D)
+        h = (F.silu((xk * self.weights("gate_proj", expert_idx, x.dtype)).sum(-1))
+             * (xk * self.weights("up_proj", expert_idx, x.dtype)).sum(-1))
+        out = (h[:, :, None, :] * self.weights("down_proj", expert_idx, x.dtype)).sum(-1)  # (N, k, D)
         y = (out * weight.unsqueeze(-1).to(out.dtype)).sum(1)
-        counts = torch.zeros(self.gate_proj.shape[0], dtype=torch.long, device=x.device)
+        counts = torch.zeros(self.n_experts, dtype=torch.long, device=x.device)
         return y, counts.index_add_(0, expert_idx.flatten(), torch.ones_like(expert_idx.flatten()))
 
 

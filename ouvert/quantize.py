@@ -1,10 +1,11 @@
 """Weight-only quantization: int8 per output channel, int4 in groups along the input features.
 
 A pair, as gpt-fast's QuantHandler: `quantize_state_dict` turns float weights into integers and
-scales, `swap_linears` puts modules that hold them in place of nn.Linear; `quantize_model` does
-both on a live model. Activations stay in the model's dtype (float32, bfloat16); the matmuls run
-through torch's own CPU kernels, with a dequantize-then-matmul path (`dequantize()`) elsewhere and
-for the tests to hold them against.
+scales, `swap_linears` / `swap_experts` put modules that hold them in place of nn.Linear and of
+DeepSeek's stacked routed experts; `quantize_model` does both on a live model. Activations stay
+in the model's dtype (float32, bfloat16); the matmuls run through torch's own CPU kernels, with a
+dequantize-then-matmul path (`dequantize()`, `weights()`) elsewhere and for the tests to hold
+them against.
 
   int8  symmetric per output channel: w[o, i] ~ weight[o, i] * weight_scale[o],
         weight int8 in [-127, 127], weight_scale = max|w[o, :]| / 127.
@@ -17,24 +18,35 @@ for the tests to hold them against.
         an implementation detail of torch and never written to disk (needs out_features % 16 == 0).
 
 What stays in float: the embedding, the norms, the routers, lm_head (tied to the embedding in the
-small Llamas, and the layer whose errors reach the logits undiluted), DeepSeek's stacked routed
-experts (Experts holds (E, out, in) parameters, not nn.Linear), MLA's kv_b_proj (the absorbed
+small Llamas, and the layer whose errors reach the logits undiluted), MLA's kv_b_proj (the absorbed
 decode path reads its weight directly) and the MTP module's eh_proj. Everything else that is an
-nn.Linear (attention and MLP projections, shared experts) is quantized.
+nn.Linear (attention and MLP projections, shared experts) is quantized, and so are DeepSeek's
+routed experts (most of its weights).
+
+Routed experts stay stacked, as Experts holds them: Int8Experts has, for each of gate_proj, up_proj
+and down_proj, an int8 (E, out, in) tensor and its (E, out) scales; Int4Experts packed (E, out, in/2)
+with (E, out, in/G) scales and zeros. Each expert is quantized alone by the same quantize_int8 /
+quantize_int4 as a Linear, and its matmuls (`expert(e, x)`) take the same kernels under the same
+KERNEL_MAX_ROWS rule (int4 from per-expert copies in the kernel's layout), else dequantize that
+expert and matmul. Under torch.compile a decode step's `gathered` dequantizes the chosen experts.
 
 A checkpoint says so in config.json: "quantization_config": {"quant_method": "ouvert",
 "scheme": "int8" | "int4", "group_size": G | null}. Tensor names are the Linear's own plus these
 suffixes: int8 `.weight` (int8) and `.weight_scale`; int4 `.weight_packed`, `.weight_scale` and
-`.weight_zero`. Scales keep the float weights' dtype.
+`.weight_zero`. Routed experts are written one expert at a time under HF's names, with the same
+suffixes: `model.layers.L.mlp.experts.J.gate_proj.weight_scale`. Scales keep the float weights' dtype.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ouvert.model import Experts
 
 QUANT_METHOD = "ouvert"
 SCHEMES = ("int8", "int4")
@@ -75,15 +87,12 @@ class Int8Linear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         """The float weight (out, in) these integers stand for."""
-        dtype = dtype or self.weight_scale.dtype
-        # int8 times the scale is exact in float32 and rounds once in bfloat16: no float32 detour needed
-        return self.weight.to(dtype) * self.weight_scale.to(dtype)[:, None]
+        return dequantize_int8(self.weight, self.weight_scale, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.use_kernel and _cpu_kernel(x):
             lead = x.shape[:-1]
-            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight,
-                                                   self.weight_scale.to(x.dtype))
+            y = int8_mm(x.reshape(-1, self.in_features), self.weight, self.weight_scale)
             y = y.view(*lead, self.out_features)
             return y if self.bias is None else y + self.bias.to(x.dtype)
         return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
@@ -117,22 +126,17 @@ class Int4Linear(nn.Module):
         if self.weight_packed.device.type != "cpu" or self.out_features % 16:
             self.kernel_weight = self.kernel_scale_zero = None  # the dequantize path serves
             return
-        q = unpack_int4(self.weight_packed).to(torch.int32)  # (out, in)
-        self.kernel_weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-        # (in/G, out, 2): scale and zero, transposed, as the kernel wants them
-        self.kernel_scale_zero = torch.stack([self.weight_scale.T, self.weight_zero.T], dim=-1).contiguous()
+        self.kernel_weight, self.kernel_scale_zero = int4_kernel_layout(self.weight_packed, self.weight_scale,
+                                                                        self.weight_zero)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
-        out_f, n_groups = self.weight_scale.shape
-        q = unpack_int4(self.weight_packed).view(out_f, n_groups, self.group_size).float()
-        w = (q - 8) * self.weight_scale.float()[..., None] + self.weight_zero.float()[..., None]
-        return w.view(out_f, self.in_features).to(dtype or self.weight_scale.dtype)
+        return dequantize_int4(self.weight_packed, self.weight_scale, self.weight_zero, self.group_size, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.use_kernel and self.kernel_weight is not None and _cpu_kernel(x):
             lead = x.shape[:-1]
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features), self.kernel_weight,
-                                                           self.group_size, self.kernel_scale_zero.to(x.dtype))
+            y = int4_mm(x.reshape(-1, self.in_features), self.kernel_weight, self.group_size,
+                        self.kernel_scale_zero)
             y = y.view(*lead, self.out_features)
             return y if self.bias is None else y + self.bias.to(x.dtype)
         return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
@@ -142,18 +146,122 @@ class Int4Linear(nn.Module):
                 f"int4 group_size={self.group_size}")
 
 
+class Int8Experts(Experts):
+    """Routed experts with int8 weights, stacked as Experts' are: for w in gate_proj, up_proj and
+    down_proj, `w` int8 (E, out, in) and `w_scale` (E, out), each expert quantized as Int8Linear."""
+
+    def __init__(self, n: int, dim: int, hidden: int, dtype=torch.float32, device=None):
+        nn.Module.__init__(self)  # not Experts': no float parameters
+        self.n_experts, self.row_tile, self.use_kernel = n, None, True
+        for w, (out_f, in_f) in expert_shapes(dim, hidden).items():
+            self.register_buffer(w, torch.empty(n, out_f, in_f, dtype=torch.int8, device=device))
+            self.register_buffer(f"{w}_scale", torch.empty(n, out_f, dtype=dtype, device=device))
+
+    def weights(self, w: str, idx, dtype: torch.dtype | None = None) -> Tensor:
+        return dequantize_int8(getattr(self, w)[idx], getattr(self, f"{w}_scale")[idx], dtype)
+
+    def proj(self, w: str, e: int, x: Tensor) -> Tensor:
+        if self.use_kernel and _cpu_kernel(x):
+            return int8_mm(x, getattr(self, w)[e], getattr(self, f"{w}_scale")[e])
+        return x @ self.weights(w, e, x.dtype).T
+
+    def extra_repr(self) -> str:
+        return f"n_experts={self.n_experts}, int8 per channel"
+
+
+class Int4Experts(Experts):
+    """Routed experts with int4 weights, stacked: for w in gate_proj, up_proj and down_proj,
+    `w_packed` uint8 (E, out, in/2), `w_scale` and `w_zero` (E, out, in/G), each expert as Int4Linear.
+    Not persistent: the kernel's per-expert copies `w_kernel`, `w_kernel_sz`, made by `pack()`."""
+
+    def __init__(self, n: int, dim: int, hidden: int, group_size: int, dtype=torch.float32, device=None):
+        nn.Module.__init__(self)
+        self.n_experts, self.row_tile, self.use_kernel, self.group_size = n, None, True, group_size
+        for w, (out_f, in_f) in expert_shapes(dim, hidden).items():
+            self.register_buffer(f"{w}_packed", torch.empty(n, out_f, in_f // 2, dtype=torch.uint8, device=device))
+            for part in ("scale", "zero"):
+                self.register_buffer(f"{w}_{part}", torch.empty(n, out_f, in_f // group_size, dtype=dtype,
+                                                                device=device))
+            self.register_buffer(f"{w}_kernel", None, persistent=False)
+            self.register_buffer(f"{w}_kernel_sz", None, persistent=False)
+
+    def pack(self) -> None:
+        """Each expert's weights in the CPU kernel's layout, stacked (after the tensors are in place)."""
+        for w in EXPERT_PROJS:
+            packed, scale, zero = (getattr(self, f"{w}_{part}") for part in ("packed", "scale", "zero"))
+            kernel = sz = None
+            if packed.device.type == "cpu" and packed.shape[1] % 16 == 0:
+                kernel, sz = (torch.stack(t) for t in zip(*map(int4_kernel_layout, packed, scale, zero)))
+            setattr(self, f"{w}_kernel", kernel)
+            setattr(self, f"{w}_kernel_sz", sz)
+
+    def weights(self, w: str, idx, dtype: torch.dtype | None = None) -> Tensor:
+        return dequantize_int4(getattr(self, f"{w}_packed")[idx], getattr(self, f"{w}_scale")[idx],
+                               getattr(self, f"{w}_zero")[idx], self.group_size, dtype)
+
+    def proj(self, w: str, e: int, x: Tensor) -> Tensor:
+        kernel = getattr(self, f"{w}_kernel")
+        if self.use_kernel and kernel is not None and _cpu_kernel(x):
+            return int4_mm(x, kernel[e], self.group_size, getattr(self, f"{w}_kernel_sz")[e])
+        return x @ self.weights(w, e, x.dtype).T
+
+    def extra_repr(self) -> str:
+        return f"n_experts={self.n_experts}, int4 group_size={self.group_size}"
+
+
+EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
+
+
+def expert_shapes(dim: int, hidden: int) -> dict[str, tuple[int, int]]:
+    """(out, in) of each routed expert projection."""
+    return {"gate_proj": (hidden, dim), "up_proj": (hidden, dim), "down_proj": (dim, hidden)}
+
+
 # ---- integer math ------------------------------------------------------------------------------
 
 
 def pack_int4(q: Tensor) -> Tensor:
-    """(out, in) integers in [0, 15] -> uint8 (out, in/2), column 2j in the low nibble."""
+    """(..., out, in) integers in [0, 15] -> uint8 (..., out, in/2), column 2j in the low nibble."""
     q = q.to(torch.uint8)
-    return q[:, 0::2] | (q[:, 1::2] << 4)
+    return q[..., 0::2] | (q[..., 1::2] << 4)
 
 
 def unpack_int4(p: Tensor) -> Tensor:
-    """Inverse of pack_int4: uint8 (out, in/2) -> uint8 (out, in)."""
-    return torch.stack([p & 0xF, p >> 4], dim=-1).view(p.shape[0], -1)
+    """Inverse of pack_int4: uint8 (..., out, in/2) -> uint8 (..., out, in)."""
+    return torch.stack([p & 0xF, p >> 4], dim=-1).view(*p.shape[:-1], -1)
+
+
+def dequantize_int8(weight: Tensor, scale: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """int8 (..., out, in) and scale (..., out) -> the float weight, in dtype (default the scale's)."""
+    dtype = dtype or scale.dtype
+    # int8 times the scale is exact in float32 and rounds once in bfloat16: no float32 detour needed
+    return weight.to(dtype) * scale.to(dtype)[..., None]
+
+
+def dequantize_int4(packed: Tensor, scale: Tensor, zero: Tensor, group_size: int,
+                    dtype: torch.dtype | None = None) -> Tensor:
+    """packed uint8 (..., out, in/2), scale and zero (..., out, in/G) -> the float weight (..., out, in)."""
+    *lead, out_f, n_groups = scale.shape
+    q = unpack_int4(packed).view(*lead, out_f, n_groups, group_size).float()
+    w = (q - 8) * scale.float()[..., None] + zero.float()[..., None]
+    return w.view(*lead, out_f, n_groups * group_size).to(dtype or scale.dtype)
+
+
+def int8_mm(x: Tensor, weight: Tensor, scale: Tensor) -> Tensor:
+    """x (n, in) @ (weight * scale[:, None]).T by torch's CPU kernel."""
+    return torch.ops.aten._weight_int8pack_mm(x, weight, scale.to(x.dtype))
+
+
+def int4_kernel_layout(packed: Tensor, scale: Tensor, zero: Tensor) -> tuple[Tensor, Tensor]:
+    """One (out, in) int4 weight in the CPU kernel's layout: its packed weight, and scale and zero
+    transposed and interleaved, (in/G, out, 2), as the kernel wants them (needs out % 16 == 0)."""
+    weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(packed).to(torch.int32), 1)
+    return weight, torch.stack([scale.T, zero.T], dim=-1).contiguous()
+
+
+def int4_mm(x: Tensor, kernel_weight: Tensor, group_size: int, scale_zero: Tensor) -> Tensor:
+    """x (n, in) @ w.T by torch's CPU kernel, w in int4_kernel_layout's form."""
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, kernel_weight, group_size, scale_zero.to(x.dtype))
 
 
 def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
@@ -185,6 +293,20 @@ def linear_names(model: nn.Module) -> list[str]:
             if type(m) is nn.Linear and name.rsplit(".", 1)[-1] not in KEEP_FLOAT]
 
 
+def expert_names(model: nn.Module) -> list[str]:
+    """The float routed experts (Experts modules) to quantize, in model order."""
+    return [name for name, m in model.named_modules() if type(m) is Experts]
+
+
+def in_features(model: nn.Module, names: list[str], experts: list[str] = ()) -> dict[str, int]:
+    """in_features of each layer to quantize: the Linears by module name, the experts' projections
+    as `{module}.{projection}`."""
+    out = {n: model.get_submodule(n).in_features for n in names}
+    for n in experts:
+        out.update((f"{n}.{w}", getattr(model.get_submodule(n), w).shape[-1]) for w in EXPERT_PROJS)
+    return out
+
+
 def check_scheme(scheme: str, group_size: int | None) -> None:
     if scheme not in SCHEMES:
         raise QuantizeError(f"unknown quantization scheme {scheme!r}; choose from {', '.join(SCHEMES)}")
@@ -207,32 +329,34 @@ def choose_group_size(in_features: dict[str, int], group_size: int | None) -> in
                         + (f" (and {len(bad) - 1} more layers)" if len(bad) > 1 else ""))
 
 
+# What a quantized weight `key` becomes: `key + suffix` for each of the scheme's tensors.
+SUFFIXES = {"int8": ("", "_scale"), "int4": ("_packed", "_scale", "_zero")}
+
+
 def quantize_state_dict(state: dict[str, Tensor], names: list[str], scheme: str,
-                        group_size: int | None = None) -> dict[str, Tensor]:
-    """The transform: for each module name in `names`, `{name}.weight` (float) becomes the scheme's
-    tensors (see the module docstring); every other entry passes through unchanged."""
+                        group_size: int | None = None, experts: list[str] = ()) -> dict[str, Tensor]:
+    """The transform: for each module name in `names`, `{name}.weight` (float, 2-D) becomes the
+    scheme's tensors (see the module docstring); for each routed-experts module in `experts`,
+    `{name}.{w}` (float, stacked (E, out, in)) becomes the same tensors stacked, one expert at a
+    time; every other entry passes through unchanged."""
     check_scheme(scheme, group_size)
-    targets = {f"{n}.weight" for n in names}
-    missing = sorted(targets - state.keys())
+    targets = {f"{n}.weight": 2 for n in names} | {f"{n}.{w}": 3 for n in experts for w in EXPERT_PROJS}
+    missing = sorted(targets.keys() - state.keys())
     if missing:
         raise QuantizeError(f"state dict has no {missing[0]!r} to quantize")
+    quantize = quantize_int8 if scheme == "int8" else partial(quantize_int4, group_size=group_size)
     out: dict[str, Tensor] = {}
     for key, t in state.items():
         if key not in targets:
             out[key] = t
             continue
-        prefix = key.removesuffix("weight")
-        if not t.is_floating_point() or t.dim() != 2:
-            raise QuantizeError(f"{key!r}: expected a 2-D float weight, got {t.dtype} {tuple(t.shape)}")
-        if scheme == "int8":
-            out[prefix + "weight"], out[prefix + "weight_scale"] = quantize_int8(t)
-        else:
-            if group_size is None or t.shape[1] % group_size:
-                raise QuantizeError(f"int4 group size {group_size} does not divide in_features {t.shape[1]} "
-                                    f"of {key!r}")
-            packed, scale, zero = quantize_int4(t, group_size)
-            out[prefix + "weight_packed"], out[prefix + "weight_scale"], out[prefix + "weight_zero"] = (
-                packed, scale, zero)
+        if not t.is_floating_point() or t.dim() != targets[key]:
+            raise QuantizeError(f"{key!r}: expected a {targets[key]}-D float weight, got {t.dtype} {tuple(t.shape)}")
+        if scheme == "int4" and (group_size is None or t.shape[-1] % group_size):
+            raise QuantizeError(f"int4 group size {group_size} does not divide in_features {t.shape[-1]} "
+                                f"of {key!r}")
+        parts = quantize(t) if t.dim() == 2 else [torch.stack(p) for p in zip(*map(quantize, t))]
+        out.update(zip((key + s for s in SUFFIXES[scheme]), parts))
     return out
 
 
@@ -251,10 +375,29 @@ def swap_linears(model: nn.Module, names: list[str], scheme: str, group_size: in
         model.set_submodule(name, q)
 
 
+def swap_experts(model: nn.Module, names: list[str], scheme: str, group_size: int | None,
+                 device: torch.device | str = "meta") -> None:
+    """swap_linears for routed experts: each named Experts becomes an empty Int8Experts /
+    Int4Experts of the same shapes, dtype and row_tile."""
+    check_scheme(scheme, group_size)
+    for name in names:
+        ex = model.get_submodule(name)
+        if type(ex) is not Experts:
+            raise QuantizeError(f"{name!r} is {type(ex).__name__}, not Experts")
+        n, hidden, dim = ex.gate_proj.shape
+        kw = dict(dtype=ex.gate_proj.dtype, device=device)
+        q = Int8Experts(n, dim, hidden, **kw) if scheme == "int8" else Int4Experts(n, dim, hidden, group_size, **kw)
+        q.row_tile = ex.row_tile
+        model.set_submodule(name, q)
+
+
+QUANTIZED = (Int8Linear, Int4Linear, Int8Experts, Int4Experts)
+
+
 def pack_for_kernels(model: nn.Module) -> nn.Module:
     """Make the int4 kernels' packed copies (after the quantized tensors are in place)."""
     for m in model.modules():
-        if isinstance(m, Int4Linear):
+        if isinstance(m, (Int4Linear, Int4Experts)):
             m.pack()
     return model
 
@@ -267,19 +410,22 @@ def quantize_model(model: nn.Module, scheme: str, group_size: int | None = None)
     """Quantize a float Transformer in place (transform, swap, assign) and record the scheme in its
     config, so that save_model writes a checkpoint load_model reads back."""
     check_scheme(scheme, group_size)
-    if any(isinstance(m, (Int8Linear, Int4Linear)) for m in model.modules()):
+    if any(isinstance(m, QUANTIZED) for m in model.modules()):
         raise QuantizeError(f"the model is quantized already ({model.config.extra.get('quantization_config')})")
-    names = linear_names(model)
+    names, experts = linear_names(model), expert_names(model)
     if scheme == "int4":
-        group_size = choose_group_size({n: model.get_submodule(n).in_features for n in names}, group_size)
+        group_size = choose_group_size(in_features(model, names, experts), group_size)
     state = {}
     for n in names:
         lin = model.get_submodule(n)
         state[f"{n}.weight"] = lin.weight.detach()
         if lin.bias is not None:
             state[f"{n}.bias"] = lin.bias.detach()
-    qstate = quantize_state_dict(state, names, scheme, group_size)
+    for n in experts:
+        state.update((f"{n}.{w}", getattr(model.get_submodule(n), w).detach()) for w in EXPERT_PROJS)
+    qstate = quantize_state_dict(state, names, scheme, group_size, experts)
     swap_linears(model, names, scheme, group_size)
+    swap_experts(model, experts, scheme, group_size)
     model.load_state_dict(qstate, strict=False, assign=True)
     pack_for_kernels(model)
     model.config.extra["quantization_config"] = quantization_config(scheme, group_size)
@@ -305,9 +451,10 @@ def read_quantization_config(qc: dict, where: Path | str) -> tuple[str, int | No
 
 
 def prepare_for_load(model: nn.Module, qc: dict, where: Path | str) -> None:
-    """load_model's hook: swap the meta model's Linears for the checkpoint's scheme."""
+    """load_model's hook: swap the meta model's Linears and routed experts for the checkpoint's scheme."""
     scheme, group_size = read_quantization_config(qc, where)
     swap_linears(model, linear_names(model), scheme, group_size)
+    swap_experts(model, expert_names(model), scheme, group_size)
 
 
 def cli_quantize(args) -> None:
@@ -326,7 +473,9 @@ def cli_quantize(args) -> None:
     save_model(model, args.out, tokenizer=tok, provenance=lineage)
     g = model.config.extra["quantization_config"]["group_size"]
     n = sum(isinstance(m, (Int8Linear, Int4Linear)) for m in model.modules())
-    print(f"wrote {args.out}: {args.scheme}" + (f", group size {g}" if g else "") + f", {n} linear layers quantized")
+    e = sum(isinstance(m, (Int8Experts, Int4Experts)) for m in model.modules())
+    print(f"wrote {args.out}: {args.scheme}" + (f", group size {g}" if g else "") + f", {n} linear layers"
+          + (f" and {e} routed-expert layers" if e else "") + " quantized")
 
 
 def add_quantize_parser(sub) -> None:

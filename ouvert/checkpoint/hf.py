@@ -36,23 +36,26 @@ class CheckpointError(ValueError):
 
 # ---- the name table ---------------------------------------------------------------------------
 # (ours, HF). Placeholders: {i} a trunk layer, {m} an MTP depth (HF layer num_hidden_layers + m),
-# {e} an expert (stacked on dim 0 on our side), {w} an expert projection, {own} a part only the MTP
-# module has, {rest} any remaining dotted path. First match wins, in both directions.
+# {e} an expert (stacked on dim 0 on our side), {w} an expert projection, {q} empty or, in an int8 /
+# int4 checkpoint (ouvert/quantize.py), the suffix of a quantized tensor (`gate_proj_scale` is
+# `gate_proj.weight_scale`), {own} a part only the MTP module has, {rest} any remaining dotted
+# path. First match wins, in both directions.
 NAMES: list[tuple[str, str]] = [
     ("embed_tokens.weight", "model.embed_tokens.weight"),
     ("norm.weight", "model.norm.weight"),
     ("lm_head.weight", "lm_head.weight"),
-    ("layers.{i}.mlp.experts.{w}", "model.layers.{i}.mlp.experts.{e}.{w}.weight"),
+    ("layers.{i}.mlp.experts.{w}{q}", "model.layers.{i}.mlp.experts.{e}.{w}.weight{q}"),
     ("layers.{i}.{rest}", "model.layers.{i}.{rest}"),
     ("mtp.{m}.norm.weight", "model.layers.{m}.shared_head.norm.weight"),
     ("mtp.{m}.{own}", "model.layers.{m}.{own}"),
-    ("mtp.{m}.block.mlp.experts.{w}", "model.layers.{m}.mlp.experts.{e}.{w}.weight"),
+    ("mtp.{m}.block.mlp.experts.{w}{q}", "model.layers.{m}.mlp.experts.{e}.{w}.weight{q}"),
     ("mtp.{m}.block.{rest}", "model.layers.{m}.{rest}"),
 ]
 # HF keys we read past on purpose: the MTP layer's copies of the shared embedding and head.
 _SHARED_COPIES = re.compile(r"model\.layers\.(\d+)\.(embed_tokens\.weight|shared_head\.head\.weight)$")
 _PATTERNS = {
     "i": r"(?P<i>\d+)", "m": r"(?P<m>\d+)", "e": r"(?P<e>\d+)", "w": r"(?P<w>gate_proj|up_proj|down_proj)",
+    "q": r"(?P<q>|_scale|_packed|_zero)",
     "own": r"(?P<own>enorm\.weight|hnorm\.weight|eh_proj\.weight)", "rest": r"(?P<rest>.+)",
 }
 
