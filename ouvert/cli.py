@@ -108,8 +108,10 @@ def cmd_chat(args) -> None:
 
 def describe(model) -> list[tuple[str, str]]:
     """Rows of `ouvert info`."""
+    from ouvert.quantize import describe_quantization, quantized_numel
+
     c = model.config
-    params = sum(p.numel() for p in model.parameters())
+    params = sum(p.numel() for p in model.parameters()) + quantized_numel(model)  # int8 / int4: buffers
     rows = [
         ("architecture", c.model_type),
         ("parameters", f"{params:,} ({params / 1e6:.1f}M)"),
@@ -136,6 +138,9 @@ def describe(model) -> list[tuple[str, str]]:
     if c.num_nextn_predict_layers:
         rows.append(("mtp", f"{len(model.mtp)} module(s) loaded"))
     rows.append(("tied embeddings", str(c.tie_word_embeddings).lower()))
+    quantized = describe_quantization(model)
+    if quantized:
+        rows.append(("quantization", quantized))
     return rows
 
 

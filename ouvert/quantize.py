@@ -17,11 +17,17 @@ them against.
         high one. At load it is repacked into the layout of aten._weight_int4pack_mm_for_cpu, which is
         an implementation detail of torch and never written to disk (needs out_features % 16 == 0).
 
-What stays in float: the embedding, the norms, the routers, lm_head (tied to the embedding in the
-small Llamas, and the layer whose errors reach the logits undiluted), MLA's kv_b_proj (the absorbed
-decode path reads its weight directly) and the MTP module's eh_proj. Everything else that is an
-nn.Linear (attention and MLP projections, shared experts) is quantized, and so are DeepSeek's
-routed experts (most of its weights).
+What stays in float: the embedding, the norms, the routers, MLA's kv_b_proj (the absorbed decode
+path reads its weight directly) and the MTP module's eh_proj. Everything else that is an nn.Linear
+(attention and MLP projections, shared experts) is quantized, and so are DeepSeek's routed experts
+(most of its weights).
+
+The output head (lm_head) is int8 per output channel under both schemes: an int4 model keeps an
+int8 head, as llama.cpp keeps its output tensor at higher precision than a low-bit body (q8_0 in
+q8_0 files, q6_K in q4 ones), since the head's errors reach the logits undiluted. An untied head is
+worth it: DeepSeek's (129280 x 1024) costs about half a decode token in bfloat16. A tied head (the
+small Llamas: lm_head.weight is embed_tokens.weight) stays float, since quantizing it would need a
+second copy of the embedding; the MTP modules share the trunk's head, quantized or not.
 
 Routed experts stay stacked, as Experts holds them: Int8Experts has, for each of gate_proj, up_proj
 and down_proj, an int8 (E, out, in) tensor and its (E, out) scales; Int4Experts packed (E, out, in/2)
@@ -31,10 +37,13 @@ KERNEL_MAX_ROWS rule (int4 from per-expert copies in the kernel's layout), else 
 expert and matmul. Under torch.compile a decode step's `gathered` dequantizes the chosen experts.
 
 A checkpoint says so in config.json: "quantization_config": {"quant_method": "ouvert",
-"scheme": "int8" | "int4", "group_size": G | null}. Tensor names are the Linear's own plus these
+"scheme": "int8" | "int4", "group_size": G | null, "head": "int8" | null}; a config without "head"
+(written before the head was quantized) has a float head. Tensor names are the Linear's own plus these
 suffixes: int8 `.weight` (int8) and `.weight_scale`; int4 `.weight_packed`, `.weight_scale` and
 `.weight_zero`. Routed experts are written one expert at a time under HF's names, with the same
-suffixes: `model.layers.L.mlp.experts.J.gate_proj.weight_scale`. Scales keep the float weights' dtype.
+suffixes: `model.layers.L.mlp.experts.J.gate_proj.weight_scale`. An int8 head is `lm_head.weight`
+(int8) and `lm_head.weight_scale`, and DeepSeek's MTP layers get copies of both as their
+`shared_head.head.*`. Scales keep the float weights' dtype.
 """
 
 from __future__ import annotations
@@ -53,7 +62,10 @@ SCHEMES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)  # what the CPU int4 kernel accepts
 DEFAULT_GROUP_SIZES = (128, 32)  # int4's default: the first that divides every quantized layer's in_features
 # nn.Linear layers left in float (see the module docstring); matched on the last part of the name.
-KEEP_FLOAT = ("lm_head", "kv_b_proj", "eh_proj")
+KEEP_FLOAT = ("kv_b_proj", "eh_proj")
+HEAD = "lm_head"  # the output head: quantized apart from the body, in HEAD_SCHEME, unless tied
+HEAD_SCHEME = "int8"
+HEAD_SCHEMES = (HEAD_SCHEME,)  # what a checkpoint's quantization_config.head may say, besides null
 
 
 class QuantizeError(ValueError):
@@ -288,9 +300,22 @@ def quantize_int4(w: Tensor, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def linear_names(model: nn.Module) -> list[str]:
-    """The nn.Linear layers to quantize (module names), in model order."""
+    """The nn.Linear layers of the body to quantize in the model's scheme (module names), in model
+    order: the head is not one of them (see head_name)."""
     return [name for name, m in model.named_modules()
-            if type(m) is nn.Linear and name.rsplit(".", 1)[-1] not in KEEP_FLOAT]
+            if type(m) is nn.Linear and name != HEAD and name.rsplit(".", 1)[-1] not in KEEP_FLOAT]
+
+
+def head_name(model: nn.Module) -> str | None:
+    """HEAD when the model has a float head of its own to quantize (in HEAD_SCHEME); None when
+    there is none or it is tied to the embedding (its weight is embed_tokens.weight)."""
+    head = getattr(model, HEAD, None)
+    if type(head) is not nn.Linear:
+        return None
+    embed = getattr(model, "embed_tokens", None)
+    if getattr(model.config, "tie_word_embeddings", False) or (embed is not None and head.weight is embed.weight):
+        return None
+    return HEAD
 
 
 def expert_names(model: nn.Module) -> list[str]:
@@ -394,6 +419,38 @@ def swap_experts(model: nn.Module, names: list[str], scheme: str, group_size: in
 QUANTIZED = (Int8Linear, Int4Linear, Int8Experts, Int4Experts)
 
 
+def quantized_numel(model: nn.Module) -> int:
+    """How many weights the quantized modules stand for (they hold buffers, not parameters)."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, (Int8Linear, Int4Linear)):
+            n += m.in_features * m.out_features
+        elif isinstance(m, Int8Experts):
+            n += sum(getattr(m, w).numel() for w in EXPERT_PROJS)
+        elif isinstance(m, Int4Experts):
+            n += sum(2 * getattr(m, f"{w}_packed").numel() for w in EXPERT_PROJS)
+    return n
+
+
+def describe_quantization(model: nn.Module) -> str | None:
+    """One line on what is quantized (`ouvert info`, `ouvert quantize`), or None for a float model."""
+    qc = model.config.extra.get("quantization_config") or {}
+    if qc.get("quant_method") != QUANT_METHOD:
+        return None
+    g = qc.get("group_size")
+    n = sum(isinstance(m, (Int8Linear, Int4Linear)) for m in model.modules())
+    e = sum(isinstance(m, (Int8Experts, Int4Experts)) for m in model.modules())
+    head = getattr(model, HEAD, None)
+    if isinstance(head, Int8Linear):
+        head_note = " (the output head in int8)"
+    elif head is not None and head.weight is getattr(model, "embed_tokens", head).weight:
+        head_note = " (the output head, tied to the embedding, in float)"
+    else:
+        head_note = " (the output head in float)"
+    return (f"{qc.get('scheme')}" + (f", group size {g}" if g else "") + f", {n} linear layers{head_note}"
+            + (f" and {e} routed-expert layers" if e else "") + " quantized")
+
+
 def pack_for_kernels(model: nn.Module) -> nn.Module:
     """Make the int4 kernels' packed copies (after the quantized tensors are in place)."""
     for m in model.modules():
@@ -402,8 +459,9 @@ def pack_for_kernels(model: nn.Module) -> nn.Module:
     return model
 
 
-def quantization_config(scheme: str, group_size: int | None) -> dict:
-    return {"quant_method": QUANT_METHOD, "scheme": scheme, "group_size": group_size}
+def quantization_config(scheme: str, group_size: int | None, head: str | None = None) -> dict:
+    """config.json's record: the body's scheme and group size, and the head's scheme (None: float)."""
+    return {"quant_method": QUANT_METHOD, "scheme": scheme, "group_size": group_size, "head": head}
 
 
 def quantize_model(model: nn.Module, scheme: str, group_size: int | None = None) -> nn.Module:
@@ -412,49 +470,69 @@ def quantize_model(model: nn.Module, scheme: str, group_size: int | None = None)
     check_scheme(scheme, group_size)
     if any(isinstance(m, QUANTIZED) for m in model.modules()):
         raise QuantizeError(f"the model is quantized already ({model.config.extra.get('quantization_config')})")
-    names, experts = linear_names(model), expert_names(model)
+    names, experts, head = linear_names(model), expert_names(model), head_name(model)
     if scheme == "int4":
         group_size = choose_group_size(in_features(model, names, experts), group_size)
-    state = {}
-    for n in names:
-        lin = model.get_submodule(n)
-        state[f"{n}.weight"] = lin.weight.detach()
-        if lin.bias is not None:
-            state[f"{n}.bias"] = lin.bias.detach()
+
+    def linear_state(names: list[str]) -> dict[str, Tensor]:
+        state = {}
+        for n in names:
+            lin = model.get_submodule(n)
+            state[f"{n}.weight"] = lin.weight.detach()
+            if lin.bias is not None:
+                state[f"{n}.bias"] = lin.bias.detach()
+        return state
+
+    state = linear_state(names)
     for n in experts:
         state.update((f"{n}.{w}", getattr(model.get_submodule(n), w).detach()) for w in EXPERT_PROJS)
     qstate = quantize_state_dict(state, names, scheme, group_size, experts)
+    heads = [head] if head else []
+    qstate.update(quantize_state_dict(linear_state(heads), heads, HEAD_SCHEME))
     swap_linears(model, names, scheme, group_size)
+    swap_linears(model, heads, HEAD_SCHEME, None)
     swap_experts(model, experts, scheme, group_size)
     model.load_state_dict(qstate, strict=False, assign=True)
     pack_for_kernels(model)
-    model.config.extra["quantization_config"] = quantization_config(scheme, group_size)
+    model.config.extra["quantization_config"] = quantization_config(scheme, group_size,
+                                                                    HEAD_SCHEME if head else None)
     return model
 
 
-def read_quantization_config(qc: dict, where: Path | str) -> tuple[str, int | None]:
-    """(scheme, group_size) of an ouvert quantization_config; a CheckpointError naming the file and
-    the field for anything else."""
+def read_quantization_config(qc: dict, where: Path | str) -> tuple[str, int | None, str | None]:
+    """(scheme, group_size, head) of an ouvert quantization_config, head None for a float head (and
+    for configs written before the head was quantized, which have no "head"); a CheckpointError
+    naming the file and the field for anything else."""
     from ouvert.checkpoint.hf import CheckpointError
 
     if qc.get("quant_method") != QUANT_METHOD:
         raise CheckpointError(f"{where}: quantization_config.quant_method {qc.get('quant_method')!r} is not one "
                               f"ouvert reads (it reads 'fp8' and {QUANT_METHOD!r})")
-    scheme, group_size = qc.get("scheme"), qc.get("group_size")
+    scheme, group_size, head = qc.get("scheme"), qc.get("group_size"), qc.get("head")
     try:
         check_scheme(scheme, group_size)
         if scheme == "int4" and group_size is None:
             raise QuantizeError("int4 needs a group_size")
+        if head is not None and head not in HEAD_SCHEMES:
+            raise QuantizeError(f"head {head!r} is not one ouvert reads ({', '.join(HEAD_SCHEMES)} or null)")
     except QuantizeError as e:
         raise CheckpointError(f"{where}: quantization_config: {e}") from None
-    return scheme, group_size
+    return scheme, group_size, head
 
 
 def prepare_for_load(model: nn.Module, qc: dict, where: Path | str) -> None:
-    """load_model's hook: swap the meta model's Linears and routed experts for the checkpoint's scheme."""
-    scheme, group_size = read_quantization_config(qc, where)
+    """load_model's hook: swap the meta model's Linears and routed experts for the checkpoint's
+    scheme, and its head for the head's scheme if it has one (else the head stays float)."""
+    scheme, group_size, head = read_quantization_config(qc, where)
     swap_linears(model, linear_names(model), scheme, group_size)
     swap_experts(model, expert_names(model), scheme, group_size)
+    if head is not None:
+        if head_name(model) is None:
+            from ouvert.checkpoint.hf import CheckpointError
+
+            raise CheckpointError(f"{where}: quantization_config: head {head!r}, but the model's head is tied "
+                                  "to the embedding (tie_word_embeddings), which stays float")
+        swap_linears(model, [HEAD], head, None)
 
 
 def cli_quantize(args) -> None:
@@ -471,11 +549,7 @@ def cli_quantize(args) -> None:
 
         lineage["parent"] = parent_record(args.model)
     save_model(model, args.out, tokenizer=tok, provenance=lineage)
-    g = model.config.extra["quantization_config"]["group_size"]
-    n = sum(isinstance(m, (Int8Linear, Int4Linear)) for m in model.modules())
-    e = sum(isinstance(m, (Int8Experts, Int4Experts)) for m in model.modules())
-    print(f"wrote {args.out}: {args.scheme}" + (f", group size {g}" if g else "") + f", {n} linear layers"
-          + (f" and {e} routed-expert layers" if e else "") + " quantized")
+    print(f"wrote {args.out}: {describe_quantization(model)}")
 
 
 def add_quantize_parser(sub) -> None:

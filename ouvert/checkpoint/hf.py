@@ -43,7 +43,7 @@ class CheckpointError(ValueError):
 NAMES: list[tuple[str, str]] = [
     ("embed_tokens.weight", "model.embed_tokens.weight"),
     ("norm.weight", "model.norm.weight"),
-    ("lm_head.weight", "lm_head.weight"),
+    ("lm_head.weight{q}", "lm_head.weight{q}"),
     ("layers.{i}.mlp.experts.{w}{q}", "model.layers.{i}.mlp.experts.{e}.{w}.weight{q}"),
     ("layers.{i}.{rest}", "model.layers.{i}.{rest}"),
     ("mtp.{m}.norm.weight", "model.layers.{m}.shared_head.norm.weight"),
@@ -51,8 +51,9 @@ NAMES: list[tuple[str, str]] = [
     ("mtp.{m}.block.mlp.experts.{w}{q}", "model.layers.{m}.mlp.experts.{e}.{w}.weight{q}"),
     ("mtp.{m}.block.{rest}", "model.layers.{m}.{rest}"),
 ]
-# HF keys we read past on purpose: the MTP layer's copies of the shared embedding and head.
-_SHARED_COPIES = re.compile(r"model\.layers\.(\d+)\.(embed_tokens\.weight|shared_head\.head\.weight)$")
+# HF keys we read past on purpose: the MTP layer's copies of the shared embedding and head (an int8
+# head's scale too).
+_SHARED_COPIES = re.compile(r"model\.layers\.(\d+)\.(embed_tokens\.weight|shared_head\.head\.weight(_scale)?)$")
 _PATTERNS = {
     "i": r"(?P<i>\d+)", "m": r"(?P<m>\d+)", "e": r"(?P<e>\d+)", "w": r"(?P<w>gate_proj|up_proj|down_proj)",
     "q": r"(?P<q>|_scale|_packed|_zero)",
@@ -388,6 +389,8 @@ def hf_state_dict(model: Transformer, state: dict[str, torch.Tensor] | None = No
         out[f"model.layers.{layer}.embed_tokens.weight"] = out["model.embed_tokens.weight"]
         head = out.get("lm_head.weight", out["model.embed_tokens.weight"])
         out[f"model.layers.{layer}.shared_head.head.weight"] = head
+        if "lm_head.weight_scale" in out:  # an int8 head (ouvert/quantize.py)
+            out[f"model.layers.{layer}.shared_head.head.weight_scale"] = out["lm_head.weight_scale"]
     return out
 
 
