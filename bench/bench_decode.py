@@ -344,7 +344,7 @@ try:
     import numpy as np
     import llama_cpp
 except Exception as e:
-    print(json.dumps({"error": f"cannot import llama_cpp in {sys.executable}: {e!r}"}))
+    print(json.dumps({"error": f"cannot import llama_cpp in {sys.executable}: {e!r}", "fatal": True}))
     sys.exit(0)
 rss_base = status("VmRSS")
 t0 = time.perf_counter()
@@ -436,7 +436,9 @@ def run_llama_cpp(python: str, gguf: Path, prompt: list[int], args) -> dict:
     try:
         p = subprocess.run([python, "-c", LLAMA_WORKER, json.dumps(settings)], stdout=subprocess.PIPE,
                            stderr=None, text=True, timeout=3600)
-    except (OSError, subprocess.TimeoutExpired) as e:
+    except OSError as e:  # no such python: no row can run
+        return {"error": f"cannot run {python}: {e!r}", "fatal": True}
+    except subprocess.TimeoutExpired as e:
         return {"error": repr(e)}
     if p.returncode != 0:
         why = f"signal {signal.Signals(-p.returncode).name}" if p.returncode < 0 else f"exit status {p.returncode}"
@@ -461,7 +463,7 @@ def bench_llama_cpp(name: str, cfg: ModelConfig, args, machine: Machine, ouvert_
         if "error" in res:
             print(f"  llama.cpp {kind}: skipped, {res['error']}", flush=True)
             rows.append({"shape": name, "lib": "llama.cpp", "type": kind, "error": res["error"]})
-            if res["error"].startswith("cannot import"):
+            if res.get("fatal"):
                 break
             continue
         prefill_t = [p for p, _, _ in res["runs"]]
