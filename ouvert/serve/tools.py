@@ -26,7 +26,7 @@ import re
 import secrets
 from typing import Any
 
-from ouvert.serve.grammar import lark_json
+from ouvert.serve.grammar import JsonState, lark_json
 
 HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
 PYTHON_TAG = "<|python_tag|>"
@@ -200,7 +200,7 @@ class CallStream:
         self.head, self.tail, self.names = _CALL_HEAD[fmt], _CALL_TAIL[fmt], names
         self.text, self.pos, self.index = "", 0, -1
         self.state = "head"  # head: before a call; args: inside its arguments; tail: after them; stuck
-        self.depth, self.in_string, self.escape = 0, False, False
+        self.json = JsonState()  # how open the current call's arguments are
 
     @property
     def started(self) -> bool:
@@ -221,7 +221,7 @@ class CallStream:
                 self.index += 1
                 out.append({"index": self.index, "id": "call_" + secrets.token_hex(12), "type": "function",
                             "function": {"name": name, "arguments": ""}})
-                self.pos, self.state = m.end(), "args"
+                self.pos, self.state, self.json = m.end(), "args", JsonState()
             elif self.state == "args":
                 end, closed = self._scan()
                 if end > self.pos:
@@ -240,24 +240,13 @@ class CallStream:
     def _scan(self) -> tuple[int, bool]:
         """Advance over the arguments' JSON from self.pos; returns where to stream up to (the end of
         the text, or just after the arguments object) and whether the object closed there."""
+        j = self.json
         for i in range(self.pos, len(self.text)):
             c = self.text[i]
-            if self.in_string:
-                if self.escape:
-                    self.escape = False
-                elif c == "\\":
-                    self.escape = True
-                elif c == '"':
-                    self.in_string = False
-            elif c == '"':
-                self.in_string = True
-            elif c in "{[":
-                self.depth += 1
-            elif c in "}]":
-                self.depth -= 1
-                if self.depth == 0:
-                    return i + 1, True
-            elif self.depth == 0 and not c.isspace():  # arguments that are not an object
+            if j.depth == 0 and not c.isspace() and c != "{":  # arguments that are not an object
                 self.state = "stuck"
                 return self.pos, False
+            j.feed(c)
+            if j.depth == 0 and c == "}" and not j.in_string:
+                return i + 1, True
         return len(self.text), False
