@@ -105,26 +105,6 @@ def test_batch_invariance(cfg, tok):
     assert trace(run(Engine(model, tok, max_batch=8, chunk=16), [other])[0]) != alone[0]
 
 
-def test_decode_tiles_are_batch_invariant(llama, tok):
-    """16 slots decode in two tiles of ROW_TILE: 12 requests at once fill slots 0-11, so four of
-    them decode in the second tile, and each still gets exactly what it gets alone (in slot 0)."""
-    from ouvert.serve.engine import ROW_TILE
-
-    ps = prompts(tok) + prompts(tok)[:4]
-    assert ROW_TILE < len(ps) <= 2 * ROW_TILE
-
-    def reqs():
-        return [Request(p, 8, temperature=1.0, seed=200 + i, logprobs=0, ignore_eos=True) for i, p in enumerate(ps)]
-
-    alone = [trace(run(Engine(llama, tok, max_batch=16, chunk=16), [r])[0]) for r in reqs()]
-    engine = Engine(llama, tok, max_batch=16, chunk=16)
-    tiles, decode_tile = set(), engine._decode_tile
-    engine._decode_tile = lambda lo, hi, rows: (tiles.add((lo, hi)), decode_tile(lo, hi, rows))[1]
-    together = [trace(o) for o in run(engine, reqs())]
-    assert tiles == {(0, ROW_TILE), (ROW_TILE, 2 * ROW_TILE)}
-    assert together == alone
-
-
 def test_prefix_cache_is_exact(llama, tok):
     """A shared prefix is computed once, reused in whole chunks, and changes no output."""
     system = tok.encode("You are a careful assistant. " * 8)  # > 2 chunks of 16

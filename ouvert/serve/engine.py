@@ -5,16 +5,13 @@ A background thread runs steps. Each step
      cached prompt prefix any slot holds (copied from a busy slot, or in place from a free one);
   2. prefills a chunk or two of the admitted prompts, oldest first (so a long prompt never
      stalls running streams for more than `prefill_chunks` chunks at a time);
-  3. decodes one token for every request past its prompt: one forward per tile of ROW_TILE slots
-     that holds such a request.
+  3. decodes one token for every request past its prompt, in one forward over all slots.
 A request joins the running batch at the next step and leaves it when it finishes.
 
 Batch invariance: a request's tokens with a given seed do not depend on what else runs. On CPU a
 matmul's rounding depends on its shape (a 1-row and an 8-row matmul round a row differently), so
-every forward has a shape that does not depend on the other requests: a decode step runs the
-slots in fixed tiles of ROW_TILE (slot s is always in tile s // ROW_TILE, with the same rows;
-idle rows are padding that writes to a scratch column), so one stream pays for a tile, not for
-`max_batch` rows, and a busy server reads the weights once per tile; a prefill chunk
+every forward has a shape that does not depend on the other requests: a decode step always runs
+all `max_batch` slots (idle rows are padding that writes to a scratch column), a prefill chunk
 is always `chunk` tokens of one slot (padded at the end), chunks start at multiples of `chunk`,
 and a prefix is reused only in whole chunks, so a reused prefix holds exactly the numbers the
 request would have computed itself. The attention length of a decode step is rounded up to a
@@ -52,9 +49,7 @@ if TYPE_CHECKING:
     from ouvert.serve.grammar import Grammar
 
 
-# Rows per decode forward, and per expert matmul in MoE layers (where in a decode step most
-# experts get fewer tokens than this).
-ROW_TILE = 8
+ROW_TILE = 8  # rows per expert matmul: in a decode step most experts get fewer tokens than this
 
 
 class QueueFull(Exception):
@@ -377,10 +372,7 @@ class Engine:
         if best and self.slots[src] is None:
             slot = src  # a free slot holds the prefix: continue there
         else:
-            # an empty slot first (keeps cached prefixes), in a tile that decodes already (one
-            # forward fewer per step), least recently used
-            busy = {b // ROW_TILE for b, q in enumerate(self.slots) if q is not None}
-            slot = min(free, key=lambda s: (len(self.slot_tokens[s]) > 0, s // ROW_TILE not in busy, self.slot_used[s]))
+            slot = min(free, key=lambda s: (len(self.slot_tokens[s]) > 0, self.slot_used[s]))
             if best:
                 self.cache.copy_prefix(src, slot, best)
         self.cache.lens[slot] = best
@@ -416,18 +408,8 @@ class Engine:
             self._next_or_fail(seq, logits[0])
 
     def _decode(self) -> None:
-        stepped = False
-        for lo in range(0, self.max_batch, ROW_TILE):
-            hi = min(lo + ROW_TILE, self.max_batch)
-            rows = [(b - lo, s) for b, s in enumerate(self.slots[lo:hi], lo) if s is not None and s.decoding]
-            if rows:
-                self._decode_tile(lo, hi, rows)
-                stepped = True
-        self.metrics.decode_steps += stepped
-
-    def _decode_tile(self, lo: int, hi: int, rows: list[tuple[int, _Seq]]) -> None:
-        """One token for the decoding requests among slots lo..hi-1 (rows: (slot - lo, request))."""
-        B = hi - lo
+        B = self.max_batch
+        rows = [(b, s) for b, s in enumerate(self.slots) if s is not None and s.decoding]
         tokens = torch.full((B, 1), self.pad_id, dtype=torch.long)
         write = torch.full((B, 1), self.cache.scratch, dtype=torch.long)
         for b, s in rows:
@@ -438,8 +420,9 @@ class Engine:
         positions = torch.where(active.unsqueeze(1), write, 0)
         mask = self._mask(positions.to(self.device), S)
         mask[~active.to(self.device), 0, 0] = torch.arange(S, device=self.device) == 0  # idle rows see index 0
-        self.cache.plan(lo, hi, write.to(self.device), mask, active.long().tolist())
+        self.cache.plan(0, B, write.to(self.device), mask, active.long().tolist())
         logits = self.model(tokens.to(self.device), positions.to(self.device), self.cache, last_only=True)[:, 0]
+        self.metrics.decode_steps += 1
         self.metrics.decode_rows += len(rows)
         for b, s in rows:
             s.pos += 1
