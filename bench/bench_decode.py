@@ -304,21 +304,28 @@ def measure(models: dict, prompt: torch.Tensor, new_tokens: int, repeats: int, m
             p, d, _ = runs[lib][-1]
             print(f"  [{r + 1}/{repeats}] {lib:12s} prefill {len(prompt) / p:8.1f} tok/s  decode {1 / d:7.2f} tok/s",
                   flush=True)
-    res = {}
-    for lib in LIBS:
-        prefill_t = [p for p, _, _ in runs[lib]]
-        decode_t = [d for _, d, _ in runs[lib]]
-        res[lib] = {
-            "prefill_tok_s": len(prompt) / min(prefill_t),
-            "prefill_tok_s_median": len(prompt) / statistics.median(prefill_t),
-            "decode_tok_s": 1 / min(decode_t),
-            "decode_tok_s_median": 1 / statistics.median(decode_t),
-        }
+    res = {lib: rates(runs[lib], len(prompt)) for lib in LIBS}
     a, b = runs["ouvert"][-1][2], runs["transformers"][-1][2]
-    same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-    res["greedy_tokens_equal"] = same  # leading new tokens on which both libraries agree
+    res["greedy_tokens_equal"] = agreeing_prefix(a, b)
     res["ouvert_greedy_ids"] = a  # the last repeat's, for llama.cpp's rows to compare with
     return res
+
+
+def rates(runs: list, prompt_len: int) -> dict[str, float]:
+    """Tokens/s from timed runs of (prefill s, decode s per token, ids): best and median."""
+    prefill_t = [p for p, _, _ in runs]
+    decode_t = [d for _, d, _ in runs]
+    return {
+        "prefill_tok_s": prompt_len / min(prefill_t),
+        "prefill_tok_s_median": prompt_len / statistics.median(prefill_t),
+        "decode_tok_s": 1 / min(decode_t),
+        "decode_tok_s_median": 1 / statistics.median(decode_t),
+    }
+
+
+def agreeing_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading new tokens two greedy runs agree on."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 # ---- llama.cpp ---------------------------------------------------------------------------------
@@ -466,22 +473,16 @@ def bench_llama_cpp(name: str, cfg: ModelConfig, args, machine: Machine, ouvert_
             if res.get("fatal"):
                 break
             continue
-        prefill_t = [p for p, _, _ in res["runs"]]
-        decode_t = [d for _, d, _ in res["runs"]]
         row = {
             "shape": name, "lib": "llama.cpp", "type": kind, "llama_cpp": res["version"], "gguf": gguf.name,
-            "beside": LLAMA_TYPES[kind], "new_tokens": args.new_tokens,
-            "prefill_tok_s": args.prompt_len / min(prefill_t),
-            "prefill_tok_s_median": args.prompt_len / statistics.median(prefill_t),
-            "decode_tok_s": 1 / min(decode_t), "decode_tok_s_median": 1 / statistics.median(decode_t),
+            "beside": LLAMA_TYPES[kind], "new_tokens": args.new_tokens, **rates(res["runs"], args.prompt_len),
             "load_s": res["load_s"], "rss_base_bytes": res["rss_base"], "rss_peak_bytes": res["rss_peak"],
             "decode_bytes_per_token": gguf_decode_bytes_per_token(gguf, cfg, mean_context),
         }
         ref = reference.get(LLAMA_TYPES[kind])
         if ref is not None and "ouvert_greedy_ids" in ref:
             a, b = res["runs"][-1][2], ref["ouvert_greedy_ids"]
-            row["greedy_tokens_equal_ouvert"] = next(
-                (i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            row["greedy_tokens_equal_ouvert"] = agreeing_prefix(a, b)
         rows.append(row)
     return rows
 
