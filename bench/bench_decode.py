@@ -23,12 +23,14 @@ repeat (the best sample counts, as the best repeat does):
 Weight-only int8 / int4 rows (--quant, ouvert/quantize.py): the float checkpoint quantized with
 quantize_model and saved beside it, loaded with ouvert.load_model; its transformers column is the float
 model again, timed interleaved with it. Their decode ceiling counts the quantized bytes (integers,
-scales and zeros) for the quantized Linears, float for the rest (embedding, head, norms).
+scales and zeros) for the quantized Linears, routed experts and an untied head (int8 under both
+schemes), float for the rest (embedding, norms, routers, kv_b_proj).
 
-llama.cpp rows (--llama-types f32,bf16,q8_0,q4_0; the PyPI package llama-cpp-python): the same
+llama.cpp rows (--llama-types f32,bf16,q8_0,q4_0,q4_k_m; the PyPI package llama-cpp-python): the same
 checkpoint exported with ouvert's own exporter (`python -m ouvert export gguf`, cached in bench/out/
 as {shape}-seed{seed}-{type}.gguf; f32, q8_0 and q4_0 from the float32 checkpoint, bf16 from the
-bfloat16 one), run in a subprocess of --llama-python (default: this python) with n_threads =
+bfloat16 one; q4_k_m, which the gguf package cannot write, by llama.cpp's own quantizer from the f32
+file, as `llama-quantize` makes it: q6_K for the output head and some value / down projections), run in a subprocess of --llama-python (default: this python) with n_threads =
 --threads: one llm.eval over the same prompt (prefill), then greedy new tokens one llm.eval at a
 time, the argmax of llama_get_logits_ith; timed as ours, best of --repeats, after a warm-up. The
 subprocess also reports its peak resident memory (VmHWM: the mapped GGUF pages it touched plus the
@@ -65,7 +67,17 @@ import ouvert
 from ouvert.config import ModelConfig
 from ouvert.generate.cache import Cache
 from ouvert.generate.decode import prefill
-from ouvert.quantize import linear_names, quantize_model, swap_linears
+from ouvert.quantize import (
+    HEAD_SCHEME,
+    choose_group_size,
+    expert_names,
+    head_name,
+    in_features,
+    linear_names,
+    prepare_for_load,
+    quantization_config,
+    quantize_model,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"
@@ -179,10 +191,10 @@ def _param_groups(cfg: ModelConfig, dtype: torch.dtype | None = None, quant: str
         model = ouvert.Transformer(cfg)
     if dtype is not None:
         model.to(dtype)
-    if quant:
-        names = linear_names(model)
-        g = 128 if all(model.get_submodule(n).in_features % 128 == 0 for n in names) else 32
-        swap_linears(model, names, quant, g if quant == "int4" else None)
+    if quant:  # the structure load_model gives a checkpoint that `ouvert quantize` wrote
+        sizes = in_features(model, linear_names(model), expert_names(model))
+        g = choose_group_size(sizes, None) if quant == "int4" else None
+        prepare_for_load(model, quantization_config(quant, g, HEAD_SCHEME if head_name(model) else None), "bench")
     groups = {"embed": 0, "head": 0, "experts": 0, "other": 0}
     tensors = model.named_parameters() if dtype is None else model.state_dict(keep_vars=True).items()
     seen: set[int] = set()
@@ -190,7 +202,7 @@ def _param_groups(cfg: ModelConfig, dtype: torch.dtype | None = None, quant: str
         if name.startswith("mtp.") or id(p) in seen:
             continue
         seen.add(id(p))
-        key = "embed" if name == "embed_tokens.weight" else "head" if name == "lm_head.weight" else (
+        key = "embed" if name == "embed_tokens.weight" else "head" if name.startswith("lm_head.") else (
             "experts" if ".mlp.experts." in name else "other")
         groups[key] += p.numel() if dtype is None else p.numel() * p.element_size()
     return groups
@@ -332,8 +344,19 @@ def agreeing_prefix(a: list[int], b: list[int]) -> int:
 
 # Which ouvert row each llama.cpp type stands beside, and the checkpoint its GGUF is exported from.
 LLAMA_TYPES = {"f32": ("float32", "none"), "bf16": ("bfloat16", "none"),
-               "q8_0": ("bfloat16", "int8"), "q4_0": ("bfloat16", "int4")}
-LLAMA_SOURCE = {"f32": "float32", "bf16": "bfloat16", "q8_0": "float32", "q4_0": "float32"}
+               "q8_0": ("bfloat16", "int8"), "q4_0": ("bfloat16", "int4"), "q4_k_m": ("bfloat16", "int4")}
+LLAMA_SOURCE = {"f32": "float32", "bf16": "bfloat16", "q8_0": "float32", "q4_0": "float32", "q4_k_m": "float32"}
+# Types the gguf package cannot write (k-quants): llama.cpp's own quantizer makes them from the f32 file,
+# as `llama-quantize model-f32.gguf model-q4_k_m.gguf Q4_K_M` would.
+LLAMA_QUANTIZED = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
+LLAMA_QUANTIZER = r"""
+import sys, llama_cpp
+params = llama_cpp.llama_model_quantize_default_params()
+params.ftype = getattr(llama_cpp, sys.argv[3])
+params.nthread = 2
+rc = llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), params)
+sys.exit(rc)
+"""
 
 # Runs in --llama-python (which need not have torch): argv[1] is a JSON of settings; prints one
 # JSON line: the runs (prefill s, decode s per token, greedy ids) and /proc/self/status figures.
@@ -399,12 +422,22 @@ def ensure_gguf_tokenizer() -> Path:
     return out
 
 
-def ensure_gguf(cfg: ModelConfig, name: str, kind: str, seed: int = 0) -> Path:
+def ensure_gguf(cfg: ModelConfig, name: str, kind: str, seed: int = 0, llama_python: str = sys.executable) -> Path:
     """OUT/{name}-seed{seed}-{kind}.gguf, written by `python -m ouvert export gguf` from the cached
-    checkpoint (built if missing, from the same seed)."""
+    checkpoint (built if missing, from the same seed); a k-quant by llama.cpp from the f32 file."""
+    out = OUT / f"{name}-seed{seed}-{kind}.gguf"
+    if kind in LLAMA_QUANTIZED:
+        if not out.is_file():
+            src = ensure_gguf(cfg, name, "f32", seed)
+            t0 = time.perf_counter()
+            tmp = out.with_suffix(".tmp")
+            subprocess.run([llama_python, "-c", LLAMA_QUANTIZER, str(src), str(tmp), LLAMA_QUANTIZED[kind]],
+                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            tmp.rename(out)
+            print(f"  llama.cpp quantized {out.name} in {time.perf_counter() - t0:.0f} s", flush=True)
+        return out
     src_dtype = LLAMA_SOURCE[kind]
     src = ensure_checkpoints(cfg, name, [src_dtype], seed)[src_dtype]
-    out = OUT / f"{name}-seed{seed}-{kind}.gguf"
     if not out.is_file():
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-m", "ouvert", "export", "gguf", "--model", str(src), "--out", str(out),
@@ -464,7 +497,7 @@ def bench_llama_cpp(name: str, cfg: ModelConfig, args, machine: Machine, ouvert_
     rows = []
     for kind in args.llama_types:
         print(f"{name} llama.cpp {kind}", flush=True)
-        gguf = ensure_gguf(cfg, name, kind, args.seed)
+        gguf = ensure_gguf(cfg, name, kind, args.seed, args.llama_python)
         machine.sample()
         res = run_llama_cpp(args.llama_python, gguf, prompt.tolist(), args)
         if "error" in res:
@@ -500,21 +533,21 @@ def bench_shape(name: str, cfg: ModelConfig, args, machine: Machine, extra=None)
     for dtype in args.dtypes:
         print(f"{name} {dtype}", flush=True)
         models = load_both(paths, dtype, prompt)
-        variants = [(None, False)] + [(None, True)] * bool(getattr(args, "compile", False))
-        variants += [(q, False) for q in getattr(args, "quant", [])]
+        modes = [False] + [True] * bool(getattr(args, "compile", False))
+        variants = [(q, c) for q in [None, *getattr(args, "quant", [])] for c in modes]
         for quant, compiled in variants:  # quantized rows: ouvert's model swapped, transformers' kept
             COMPILE["on"] = compiled
-            if compiled:
-                print(f"{name} {dtype} compiled decode (first call compiles)", flush=True)
-                t0 = time.perf_counter()
-                run_ouvert(models["ouvert"], prompt, 4)
-                print(f"  compiled in {time.perf_counter() - t0:.0f} s", flush=True)
-            if quant is not None:
+            if quant is not None and not compiled:
                 print(f"{name} {dtype} {quant} (transformers: {dtype})", flush=True)
                 models["ouvert"] = None
                 gc.collect()
                 models["ouvert"] = ouvert.load_model(ensure_quantized(paths[dtype], quant, args.rebuild))
                 run_ouvert(models["ouvert"], prompt, 4)  # warm up
+            if compiled:
+                print(f"{name} {dtype} {quant or ''} compiled decode (first call compiles)", flush=True)
+                t0 = time.perf_counter()
+                run_ouvert(models["ouvert"], prompt, 4)
+                print(f"  compiled in {time.perf_counter() - t0:.0f} s", flush=True)
             res = measure(models, prompt, args.new_tokens, args.repeats, machine)
             if extra is not None:
                 res.update(extra(models, dtype))

@@ -315,26 +315,7 @@ class Experts(nn.Module):
         N, k = expert_idx.shape
         if torch.compiler.is_compiling() and N * k <= self.n_experts:
             return self.gathered(x, expert_idx, weight)
-        flat = expert_idx.flatten()
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.n_experts)
-        token = order // k  # which token each sorted pair belongs to
-        xs = x[token]  # (N*k, D)
-        out = torch.empty_like(xs)
-        start, t = 0, self.row_tile
-        for e, n in enumerate(counts.tolist()):
-            if n:
-                xe = xs[start : start + n]
-                if t:
-                    xe = F.pad(xe, (0, 0, 0, -n % t))
-                    out[start : start + n] = torch.cat([self.expert(e, xe[i : i + t]) for i in range(0, n, t)])[:n]
-                else:
-                    out[start : start + n] = self.expert(e, xe)
-                start += n
-        # index_add_ sums a token's k outputs in the order of its own expert ids: batch-independent.
-        out = out * weight.flatten()[order].unsqueeze(-1).to(out.dtype)
-        y = torch.zeros_like(x).index_add_(0, token, out)
-        return y, counts
+        return sorted_dispatch(x, expert_idx, weight, self.n_experts, self.expert, self.row_tile)
 
     def gathered(self, x: Tensor, expert_idx: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
         """forward for a few tokens under torch.compile (a decode step): every (token, expert)
@@ -347,8 +328,40 @@ class Experts(nn.Module):
              * (xk * self.weights("up_proj", expert_idx, x.dtype)).sum(-1))
         out = (h[:, :, None, :] * self.weights("down_proj", expert_idx, x.dtype)).sum(-1)  # (N, k, D)
         y = (out * weight.unsqueeze(-1).to(out.dtype)).sum(1)
-        counts = torch.zeros(self.n_experts, dtype=torch.long, device=x.device)
-        return y, counts.index_add_(0, expert_idx.flatten(), torch.ones_like(expert_idx.flatten()))
+        return y, expert_counts(expert_idx, self.n_experts)
+
+
+def expert_counts(expert_idx: Tensor, n_experts: int) -> Tensor:
+    """How many tokens each expert got (E,), in fixed shapes."""
+    counts = torch.zeros(n_experts, dtype=torch.long, device=expert_idx.device)
+    return counts.index_add_(0, expert_idx.flatten(), torch.ones_like(expert_idx.flatten()))
+
+
+def sorted_dispatch(x: Tensor, expert_idx: Tensor, weight: Tensor, n_experts: int, expert,
+                    row_tile: int | None = None) -> tuple[Tensor, Tensor]:
+    """Experts.forward's eager path, with `expert(e, x)` the SwiGLU of expert e: token-expert pairs
+    sorted by expert, each expert's tokens as one matmul (or tiles of row_tile rows)."""
+    k = expert_idx.shape[1]
+    flat = expert_idx.flatten()
+    order = flat.argsort(stable=True)
+    counts = torch.bincount(flat, minlength=n_experts)
+    token = order // k  # which token each sorted pair belongs to
+    xs = x[token]  # (N*k, D)
+    out = torch.empty_like(xs)
+    start, t = 0, row_tile
+    for e, n in enumerate(counts.tolist()):
+        if n:
+            xe = xs[start : start + n]
+            if t:
+                xe = F.pad(xe, (0, 0, 0, -n % t))
+                out[start : start + n] = torch.cat([expert(e, xe[i : i + t]) for i in range(0, n, t)])[:n]
+            else:
+                out[start : start + n] = expert(e, xe)
+            start += n
+    # index_add_ sums a token's k outputs in the order of its own expert ids: batch-independent.
+    out = out * weight.flatten()[order].unsqueeze(-1).to(out.dtype)
+    y = torch.zeros_like(x).index_add_(0, token, out)
+    return y, counts
 
 
 class Router(nn.Module):
