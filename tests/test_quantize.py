@@ -108,6 +108,22 @@ def test_kernel_dispatch(scheme, group_size):
         assert _rel(y, F.linear(x, q.dequantize(dtype), q.bias.to(dtype))) < (1e-6 if dtype == torch.float32 else 1e-2)
 
 
+@pytest.mark.parametrize("scheme,group_size", [("int8", None), ("int4", 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantized_path_in_slices(scheme, group_size, dtype, monkeypatch):
+    """Without the kernels, the weights are dequantized a slice of output rows at a time (prefill):
+    the same as one matmul with the whole dequantized matrix, bias included, slices of unequal size."""
+    monkeypatch.setattr(quantize, "DEQUANT_ROWS", 64)
+    torch.manual_seed(0)
+    q = _quantized_linear(nn.Linear(128, 200, bias=True), scheme, group_size).to(dtype)  # 64 + 64 + 64 + 8 rows
+    q.use_kernel = False
+    x = torch.randn(3, 40, 128).to(dtype)
+    with torch.no_grad():
+        y = q(x)
+    assert y.shape == (3, 40, 200) and y.dtype == dtype
+    torch.testing.assert_close(y, F.linear(x, q.dequantize(dtype), q.bias.to(dtype)), rtol=0, atol=0)
+
+
 def test_integer_math():
     torch.manual_seed(0)
     w = torch.randn(32, 128)
