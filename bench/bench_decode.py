@@ -30,7 +30,8 @@ llama.cpp rows (--llama-types f32,bf16,q8_0,q4_0,q4_k_m; the PyPI package llama-
 checkpoint exported with ouvert's own exporter (`python -m ouvert export gguf`, cached in bench/out/
 as {shape}-seed{seed}-{type}.gguf; f32, q8_0 and q4_0 from the float32 checkpoint, bf16 from the
 bfloat16 one; q4_k_m, which the gguf package cannot write, by llama.cpp's own quantizer from the f32
-file, as `llama-quantize` makes it: q6_K for the output head and some value / down projections), run in a subprocess of --llama-python (default: this python) with n_threads =
+file, as `llama-quantize` makes it: q6_K for the output head and some value / down projections),
+run in a subprocess of --llama-python (default: this python) with n_threads =
 --threads: one llm.eval over the same prompt (prefill), then greedy new tokens one llm.eval at a
 time, the argmax of llama_get_logits_ith; timed as ours, best of --repeats, after a warm-up. The
 subprocess also reports its peak resident memory (VmHWM: the mapped GGUF pages it touched plus the

@@ -49,6 +49,7 @@ def decode_step(model, token: Tensor, position: Tensor, cache: Cache) -> Tensor:
 
 
 _compiled: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_models_compiled = [0]  # in this process, ever: dynamo's cache outlives the WeakKeyDictionary's entries
 
 
 def compiled_decode_step(model) -> Callable[[Tensor, Tensor, Cache], Tensor]:
@@ -59,6 +60,14 @@ def compiled_decode_step(model) -> Callable[[Tensor, Tensor, Cache], Tensor]:
     lower), warn once and decode eagerly: the fall-back gives the same tokens, only slower."""
     entry = _compiled.get(model)
     if entry is None:
+        # dynamo keeps recompile_limit (8) compiled versions of one function, Transformer.forward
+        # here, and past it runs the function eagerly with only a logged warning. Models of another
+        # shape or module types (int8, int4) are new versions, so a process that compiles several
+        # (a benchmark, a server that loads more than one) would silently lose the fast path:
+        # raise the limit with each model, two versions apiece.
+        _models_compiled[0] += 1
+        config = torch._dynamo.config
+        config.recompile_limit = max(config.recompile_limit, 8 + 2 * _models_compiled[0])
         entry = _compiled[model] = {"fn": torch.compile(model, dynamic=True), "ok": True}
 
     def step(token: Tensor, position: Tensor, cache: Cache) -> Tensor:
