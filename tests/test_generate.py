@@ -136,7 +136,7 @@ def test_compiled_decode_equals_eager(tiny_ckpt):
         tok, pos = a.argmax(-1), pos + 1
 
 
-def test_many_models_stay_compiled(tiny_ckpt, monkeypatch):
+def test_many_models_stay_compiled(tiny_ckpt):
     """Each compiled model is a version of Transformer.forward in dynamo's cache, which holds
     recompile_limit of them and then runs the function eagerly: compiled_decode_step raises the
     limit with each model, so the models past it still compile (here the limit starts at 1).
@@ -147,16 +147,16 @@ def test_many_models_stay_compiled(tiny_ckpt, monkeypatch):
     from ouvert.quantize import quantize_model
 
     d, _ = tiny_ckpt
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     torch._dynamo.reset()
     graphs = []
-    for scheme in (None, "int8", "int4"):
-        model = ouvert.load_model(d)
-        if scheme:
-            model = quantize_model(model, scheme)
-        before = counters["stats"]["unique_graphs"]
-        ouvert.generate(model, [5, 6, 7], 3, stop_token_ids=[], compile=True)
-        graphs.append(counters["stats"]["unique_graphs"] - before)
+    with torch._dynamo.config.patch(recompile_limit=1):  # (pytest's monkeypatch deletes a config entry on undo)
+        for scheme in (None, "int8", "int4"):
+            model = ouvert.load_model(d)
+            if scheme:
+                model = quantize_model(model, scheme)
+            before = counters["stats"]["unique_graphs"]
+            ouvert.generate(model, [5, 6, 7], 3, stop_token_ids=[], compile=True)
+            graphs.append(counters["stats"]["unique_graphs"] - before)
     assert all(g >= 1 for g in graphs), graphs  # each model got its own compiled graph
 
 
