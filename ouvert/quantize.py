@@ -34,7 +34,9 @@ and down_proj, an int8 (E, out, in) tensor and its (E, out) scales; Int4Experts 
 with (E, out, in/G) scales and zeros. Each expert is quantized alone by the same quantize_int8 /
 quantize_int4 as a Linear, and its matmuls (`expert(e, x)`) take the same kernels under the same
 KERNEL_MAX_ROWS rule (int4 from per-expert copies in the kernel's layout), else dequantize that
-expert and matmul. Under torch.compile a decode step's `gathered` dequantizes the chosen experts.
+expert and matmul. Under torch.compile a decode step's `gathered` runs that same dispatch on the
+kernels inside one opaque op (ouvert::int8_experts / int4_experts), or, where the kernels do not
+serve, dequantizes the chosen experts in inductor's reductions.
 
 A checkpoint says so in config.json: "quantization_config": {"quant_method": "ouvert",
 "scheme": "int8" | "int4", "group_size": G | null, "head": "int8" | null}; a config without "head"
@@ -82,8 +84,16 @@ class QuantizeError(ValueError):
 KERNEL_MAX_ROWS = {torch.bfloat16: 32, torch.float16: 32, torch.float32: 1}
 
 
-def _cpu_kernel(x: Tensor) -> bool:
-    return x.device.type == "cpu" and x.numel() // x.shape[-1] <= KERNEL_MAX_ROWS.get(x.dtype, 0)
+def _cpu_kernel(x: Tensor, rows: int | None = None) -> bool:
+    """Whether torch's kernels serve x (or `rows` rows of x's dtype)."""
+    rows = x.numel() // x.shape[-1] if rows is None else rows
+    return x.device.type == "cpu" and rows <= KERNEL_MAX_ROWS.get(x.dtype, 0)
+
+
+def _experts_kernel(x: Tensor, row_tile: int | None) -> bool:
+    """Whether every matmul of the sorted dispatch over x's tokens takes the kernels: an expert
+    gets at most all the tokens, or a tile of row_tile rows."""
+    return _cpu_kernel(x, max(x.shape[0], row_tile or 0))
 
 
 # Output rows dequantized at a time where the kernels do not serve (prefill, float32): a slice of
@@ -199,7 +209,7 @@ class Int8Experts(Experts):
         return x @ self.weights(w, e, x.dtype).T
 
     def gathered(self, x: Tensor, expert_idx: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
-        if not (self.use_kernel and _cpu_kernel(x)):
+        if not (self.use_kernel and _experts_kernel(x, self.row_tile)):
             return super().gathered(x, expert_idx, weight)
         tensors = [getattr(self, f"{w}{part}") for w in EXPERT_PROJS for part in ("", "_scale")]
         y = torch.ops.ouvert.int8_experts(x, expert_idx, weight, *tensors, self.row_tile or 0)
@@ -246,7 +256,7 @@ class Int4Experts(Experts):
         return x @ self.weights(w, e, x.dtype).T
 
     def gathered(self, x: Tensor, expert_idx: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
-        if not (self.use_kernel and self.gate_proj_kernel is not None and _cpu_kernel(x)):
+        if not (self.use_kernel and self.gate_proj_kernel is not None and _experts_kernel(x, self.row_tile)):
             return super().gathered(x, expert_idx, weight)
         tensors = [getattr(self, f"{w}{part}") for w in EXPERT_PROJS for part in ("_kernel", "_kernel_sz")]
         y = torch.ops.ouvert.int4_experts(x, expert_idx, weight, *tensors, self.group_size, self.row_tile or 0)
