@@ -105,7 +105,7 @@ DEQUANT_ROWS = 256
 
 def dequantized_linear(x: Tensor, dequantize, out_features: int, bias: Tensor | None) -> Tensor:
     """F.linear(x, W, bias) with W (out_features, in) dequantized DEQUANT_ROWS output rows at a time
-    by `dequantize(rows)`, rows a slice."""
+    by `dequantize(rows)`, rows a slice (a quantized Linear's `dequantize(dtype, rows)`)."""
     y = x.new_empty(*x.shape[:-1], out_features)
     for start in range(0, out_features, DEQUANT_ROWS):
         rows = slice(start, start + DEQUANT_ROWS)
@@ -124,9 +124,9 @@ class Int8Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
         self.use_kernel = True
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
-        """The float weight (out, in) these integers stand for."""
-        return dequantize_int8(self.weight, self.weight_scale, dtype)
+    def dequantize(self, dtype: torch.dtype | None = None, rows: slice = slice(None)) -> Tensor:
+        """The float weight (out, in) these integers stand for, or those output rows of it."""
+        return dequantize_int8(self.weight[rows], self.weight_scale[rows], dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.use_kernel and _cpu_kernel(x):
@@ -134,8 +134,7 @@ class Int8Linear(nn.Module):
             y = int8_mm(x.reshape(-1, self.in_features), self.weight, self.weight_scale)
             y = y.view(*lead, self.out_features)
             return y if self.bias is None else y + self.bias.to(x.dtype)
-        return dequantized_linear(x, lambda rows: dequantize_int8(self.weight[rows], self.weight_scale[rows], x.dtype),
-                                  self.out_features, self.bias)
+        return dequantized_linear(x, partial(self.dequantize, x.dtype), self.out_features, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per channel"
@@ -169,8 +168,9 @@ class Int4Linear(nn.Module):
         self.kernel_weight, self.kernel_scale_zero = int4_kernel_layout(self.weight_packed, self.weight_scale,
                                                                         self.weight_zero)
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
-        return dequantize_int4(self.weight_packed, self.weight_scale, self.weight_zero, self.group_size, dtype)
+    def dequantize(self, dtype: torch.dtype | None = None, rows: slice = slice(None)) -> Tensor:
+        return dequantize_int4(self.weight_packed[rows], self.weight_scale[rows], self.weight_zero[rows],
+                               self.group_size, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.use_kernel and self.kernel_weight is not None and _cpu_kernel(x):
@@ -179,10 +179,7 @@ class Int4Linear(nn.Module):
                         self.kernel_scale_zero)
             y = y.view(*lead, self.out_features)
             return y if self.bias is None else y + self.bias.to(x.dtype)
-        return dequantized_linear(
-            x, lambda rows: dequantize_int4(self.weight_packed[rows], self.weight_scale[rows], self.weight_zero[rows],
-                                            self.group_size, x.dtype),
-            self.out_features, self.bias)
+        return dequantized_linear(x, partial(self.dequantize, x.dtype), self.out_features, self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
