@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +42,11 @@ _FAMILIES: dict[str, dict[str, Any]] = {
 }
 
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
+SCORING_FUNCS = ("softmax", "sigmoid")
+# The server and generate() size caches and rotary tables from max_position_embeddings: a context
+# beyond 16M tokens is a typo (or 1e30), not a model ouvert can run.
+MAX_CONTEXT = 2**24
 
 
 @dataclass
@@ -99,10 +107,29 @@ class ModelConfig:
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field's type (as annotated) and range, and fill the defaults that depend on
+        other fields. Raises ConfigError naming the key and its value; from_hf / from_file prefix
+        the file's name."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not _is(value, _HINTS[f.name]):
+                raise ConfigError(f"key {f.name!r} must be {_describe(_HINTS[f.name])}, not {_show(value)}")
+        if self.model_type not in _FAMILIES:
+            raise ConfigError(f"unknown model_type {self.model_type!r}; ouvert runs {', '.join(sorted(_FAMILIES))}")
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+            _at_least(key, getattr(self, key), 1)
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
+        _at_least("num_key_value_heads", self.num_key_value_heads, 1)
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
+            if self.head_dim < 1:
+                raise ConfigError(f"hidden_size ({self.hidden_size}) is smaller than num_attention_heads "
+                                  f"({self.num_attention_heads}): no width is left per head")
+        _at_least("head_dim", self.head_dim, 1)
         if self.o_proj_bias is None:
             self.o_proj_bias = self.attention_bias
         if self.num_attention_heads % self.num_key_value_heads:
@@ -110,11 +137,91 @@ class ModelConfig:
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
-        if self.rope_scaling is not None and self.rope_scaling.get("rope_type", "default") not in ROPE_TYPES:
+        if not 1 <= self.max_position_embeddings <= MAX_CONTEXT:
+            raise ConfigError(f"key 'max_position_embeddings' must be between 1 and {MAX_CONTEXT} (2**24), "
+                              f"not {_show(self.max_position_embeddings)}")
+        if self.rms_norm_eps < 0:
+            raise ConfigError(f"key 'rms_norm_eps' must be a number >= 0, not {_show(self.rms_norm_eps)}")
+        if self.rope_theta <= 1:  # the rotary frequencies are powers of 1 / rope_theta
+            raise ConfigError(f"key 'rope_theta' must be a number above 1, not {_show(self.rope_theta)}")
+        if self.sliding_window is not None:
+            _at_least("sliding_window", self.sliding_window, 1)
+        self._validate_rope_scaling()
+        if self.rope_dim % 2:  # rotary embeddings turn the channels in pairs
+            key = "qk_rope_head_dim" if self.is_mla else "head_dim"
+            raise ConfigError(f"key {key!r} must be even (rotary embeddings pair its channels), not {self.rope_dim}")
+        if self.is_mla:
+            for key in ("kv_lora_rank", "qk_rope_head_dim", "v_head_dim"):
+                _at_least(key, getattr(self, key), 1)
+            _at_least("qk_nope_head_dim", self.qk_nope_head_dim, 0)
+            if self.q_lora_rank is not None:
+                _at_least("q_lora_rank", self.q_lora_rank, 1)
+        if self.n_routed_experts is not None:
+            self._validate_moe()
+        _at_least("num_nextn_predict_layers", self.num_nextn_predict_layers, 0)
+        for f in dataclasses.fields(self):  # float fields take JSON integers (rope_theta: 10000)
+            if _HINTS[f.name] is float and isinstance(getattr(self, f.name), int):
+                setattr(self, f.name, float(getattr(self, f.name)))
+
+    def _validate_rope_scaling(self) -> None:
+        rs = self.rope_scaling
+        if rs is None:
+            return
+        kind = rs.get("rope_type", "default")
+        if kind not in ROPE_TYPES:
+            raise ConfigError(f"rope_scaling: unsupported rope_type {kind!r}; ouvert knows {', '.join(ROPE_TYPES)}")
+        for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings",
+                    "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor"):
+            value = rs.get(key)
+            if value is not None and not _is(value, float):
+                raise ConfigError(f"key 'rope_scaling.{key}' must be a number, not {_show(value)}")
+        for key in ("factor", "original_max_position_embeddings"):
+            if rs.get(key) is not None and rs[key] <= 0:
+                raise ConfigError(f"key 'rope_scaling.{key}' must be a positive number, not {_show(rs[key])}")
+        if kind in ("linear", "llama3") and rs.get("factor") is None:
+            raise ConfigError(f"rope_scaling of type {kind!r} needs key 'factor'")
+        if kind == "yarn" and rs.get("factor") is None and rs.get("original_max_position_embeddings") is None:
+            raise ConfigError("rope_scaling of type 'yarn' needs key 'factor' or 'original_max_position_embeddings'")
+        if kind == "llama3":
+            lo, hi = rs.get("low_freq_factor", 1.0), rs.get("high_freq_factor", 4.0)
+            if not 0 < lo < hi:  # the smooth ramp between them divides by hi - lo
+                raise ConfigError(f"rope_scaling: low_freq_factor ({lo}) must be positive and below "
+                                  f"high_freq_factor ({hi})")
+
+    def _validate_moe(self) -> None:
+        E = self.n_routed_experts
+        _at_least("n_routed_experts", E, 1)
+        for key, low in (("moe_intermediate_size", 1), ("n_shared_experts", 0), ("first_k_dense_replace", 0),
+                         ("moe_layer_freq", 1), ("n_group", 1), ("topk_group", 1)):
+            _at_least(key, getattr(self, key), low)
+        if not 1 <= self.num_experts_per_tok <= E:
+            raise ConfigError(f"key 'num_experts_per_tok' must be between 1 and n_routed_experts ({E}), "
+                              f"not {_show(self.num_experts_per_tok)}")
+        if self.topk_method not in TOPK_METHODS:
             raise ConfigError(
-                f"rope_scaling: unsupported rope_type {self.rope_scaling.get('rope_type')!r}; "
-                f"ouvert knows {', '.join(ROPE_TYPES)}"
+                f"key 'topk_method' must be one of {', '.join(TOPK_METHODS)}, not {_show(self.topk_method)}"
             )
+        if self.scoring_func not in SCORING_FUNCS:
+            raise ConfigError(
+                f"key 'scoring_func' must be one of {', '.join(SCORING_FUNCS)}, not {_show(self.scoring_func)}"
+            )
+        if not self.routed_scaling_factor > 0:
+            raise ConfigError(f"key 'routed_scaling_factor' must be a positive number, "
+                              f"not {_show(self.routed_scaling_factor)}")
+        if self.topk_method != "greedy" and self.n_group > 1:  # the router views the experts as groups
+            if E % self.n_group:
+                raise ConfigError(f"n_routed_experts ({E}) must be a multiple of n_group ({self.n_group})")
+            if self.topk_group > self.n_group:
+                raise ConfigError(f"topk_group ({self.topk_group}) must not exceed n_group ({self.n_group})")
+            per_group = E // self.n_group
+            if self.topk_method == "noaux_tc" and per_group < 2:  # groups rank by their two best scores
+                raise ConfigError(f"noaux_tc routing needs at least 2 experts per group, not {per_group} "
+                                  f"(n_routed_experts {E}, n_group {self.n_group})")
+            if self.num_experts_per_tok > self.topk_group * per_group:
+                raise ConfigError(
+                    f"num_experts_per_tok ({self.num_experts_per_tok}) is more than the {self.topk_group} "
+                    f"group(s) of {per_group} experts that topk_group keeps"
+                )
 
     # ---- derived values -------------------------------------------------------------------
     @property
@@ -147,6 +254,8 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
         """Build from a Hugging Face config dict. `source` names the file in error messages."""
+        if not isinstance(hf, dict):
+            raise ConfigError(f"{source}: expected a JSON object of config keys, not {_json_type(hf)}")
         hf = dict(hf)
         model_type = hf.get("model_type")
         if model_type is None:
@@ -159,6 +268,8 @@ class ModelConfig:
         for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
             if key not in hf:
                 raise ConfigError(f"{source}: key {key!r} is missing")
+            if hf[key] is None:  # null elsewhere means "the default"; these have none worth guessing
+                raise ConfigError(f"{source}: key {key!r} must be an integer, not null")
         kw: dict[str, Any] = dict(_FAMILIES[model_type])
         names = {f.name for f in dataclasses.fields(cls)} - {"extra", "rope_theta", "rope_scaling"}
         for key in names & hf.keys():
@@ -178,7 +289,7 @@ class ModelConfig:
         rope = {**params, **scaling}
         theta = rope.pop("rope_theta", theta)
         if theta is not None:
-            kw["rope_theta"] = float(theta)
+            kw["rope_theta"] = theta
         rope_type = rope.pop("rope_type", None) or rope.pop("type", None) or "default"
         rope.pop("type", None)
         if rope_type != "default":
@@ -187,13 +298,11 @@ class ModelConfig:
                     f"{source}: unsupported rope type {rope_type!r} (key 'rope_scaling'); "
                     f"ouvert knows {', '.join(ROPE_TYPES)}"
                 )
-            if rope_type in ("linear", "llama3") and "factor" not in rope:
-                raise ConfigError(f"{source}: rope_scaling of type {rope_type!r} needs key 'factor'")
             kw["rope_scaling"] = {"rope_type": rope_type, **rope}
         kw["extra"] = hf
         try:
             return cls(**kw)
-        except TypeError as e:
+        except (ConfigError, TypeError) as e:
             raise ConfigError(f"{source}: {e}") from None
 
     def to_hf(self) -> dict[str, Any]:
@@ -239,7 +348,10 @@ class ModelConfig:
             unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
             if unknown:
                 raise ConfigError(f"{path}: unknown model key(s) {sorted(unknown)}")
-            return cls(**data)
+            try:
+                return cls(**data)
+            except ConfigError as e:
+                raise ConfigError(f"{path}: {e}") from None
         try:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as e:
@@ -255,6 +367,64 @@ class ModelConfig:
         with torch.device("meta"):
             m = Transformer(self)
         return sum(p.numel() for p in m.parameters())
+
+
+_HINTS = typing.get_type_hints(ModelConfig)  # field name -> its annotation, resolved
+
+
+def _is(value: Any, hint: Any) -> bool:
+    """Whether value fits the annotation: an int is not a bool or a float; a float field takes an
+    int as JSON writes 10000.0, but not NaN or infinity; a bool is only true or false."""
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        return any(_is(value, h) for h in typing.get_args(hint))
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if typing.get_origin(hint) is list:
+        return isinstance(value, list) and all(_is(v, typing.get_args(hint)[0]) for v in value)
+    if typing.get_origin(hint) is dict:
+        return isinstance(value, dict)
+    return isinstance(value, hint)
+
+
+def _describe(hint: Any) -> str:
+    """An annotation in words, for error messages: `int | None` -> 'an integer or null'."""
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        words = [_describe(h) for h in typing.get_args(hint)]
+        return ", ".join(words[:-1]) + " or " + words[-1]
+    if typing.get_origin(hint) is list:
+        return "a list of " + _describe(typing.get_args(hint)[0]).split(" ", 1)[1] + "s"
+    names = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
+             type(None): "null", dict: "an object"}
+    return names.get(typing.get_origin(hint) or hint, str(hint))
+
+
+def _show(value: Any) -> str:
+    """A value as config.json spells it ("576", true, 1e+30), cut short if long."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _json_type(value: Any) -> str:
+    return {list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number" if isinstance(value, int | float) else type(value).__name__
+    )
+
+
+def _at_least(key: str, value: int, low: int) -> None:
+    if value < low:
+        what = "a positive integer" if low == 1 else f"an integer >= {low}"
+        raise ConfigError(f"key {key!r} must be {what}, not {_show(value)}")
 
 
 _ARCHITECTURES = {
