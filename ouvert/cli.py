@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -18,7 +19,11 @@ from ouvert.checkpoint.hf import DTYPES
 from ouvert.generate.decode import stop_ids
 from ouvert.quantize import add_quantize_parser
 from ouvert.serve.cli import add_serve_parser
+from ouvert.threads import configure_threads
 from ouvert.train.reproduce import add_reproduce_parser
+
+# Commands that run a model long enough for a busy machine to matter (configure_threads's hint).
+_COMPUTE_COMMANDS = {"generate", "chat", "serve", "train", "eval", "reproduce"}
 
 
 def _load(args) -> tuple:
@@ -31,79 +36,164 @@ def _load(args) -> tuple:
     return model, load_tokenizer(tok_dir)
 
 
-def _stream_reply(model, tok, ids: list[int], args) -> tuple[list[int], float]:
-    """Generate from ids, printing text as it is produced; returns the new ids and tokens/s."""
+class Timing:
+    """When a reply's tokens arrived. The prompt pass (prefill and the first token) ends when the
+    first token arrives; decoding runs from there, so its rate does not pay for the prompt."""
+
+    def __init__(self, prompt_tokens: int, clock: Callable[[], float] = time.perf_counter):
+        self.prompt_tokens, self.clock = prompt_tokens, clock
+        self.start = clock()
+        self.first: float | None = None  # when the first step's tokens arrived
+        self.last = 0.0
+        self.new = self.first_step = 0
+
+    def step(self, n: int = 1) -> None:
+        """n tokens arrived now (one step of decoding; several for a speculative step)."""
+        now = self.clock()
+        if self.first is None:
+            self.first, self.first_step = now, n
+        self.last = now
+        self.new += n
+
+    def summary(self) -> str:
+        """`[12 prompt tokens in 0.40 s (30.0 tokens/s); 8 new at 21.5 tokens/s]`"""
+        if self.first is None:
+            return f"[{self.prompt_tokens} prompt tokens; 0 new]"
+        prompt_s = self.first - self.start
+        text = (f"[{self.prompt_tokens} prompt tokens in {prompt_s:.2f} s "
+                f"({self.prompt_tokens / max(prompt_s, 1e-9):.1f} tokens/s); {self.new} new")
+        decoded = self.new - self.first_step
+        if decoded > 0:
+            text += f" at {decoded / max(self.last - self.first, 1e-9):.1f} tokens/s"
+        return text + "]"
+
+
+def _tokens(model, tok, ids: list[int], args) -> Iterator[int]:
+    """The new tokens of one reply, as they are sampled."""
     from ouvert.generate import stream
 
-    dec = tok.stream(skip_special_tokens=True)
-    new: list[int] = []
-    t0 = time.perf_counter()
     for step in stream(
         model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         min_p=args.min_p, repetition_penalty_=args.repetition_penalty, seed=args.seed,
         stop_token_ids=stop_ids(model, tok), compile=args.compile,
     ):
-        t = step[0]
-        if t is None:
-            break
-        new.append(t)
-        print(dec.push(t), end="", flush=True)
+        if step[0] is None:
+            return
+        yield step[0]
+
+
+def print_reply(tokens: Iterable[int], tok, timing: Timing) -> tuple[list[int], bool]:
+    """Print the text of tokens as they arrive; returns the tokens and whether Ctrl-C stopped them."""
+    dec = tok.stream(skip_special_tokens=True)
+    new: list[int] = []
+    interrupted = False
+    try:
+        for t in tokens:
+            timing.step()
+            new.append(t)
+            print(dec.push(t), end="", flush=True)
+    except KeyboardInterrupt:
+        interrupted = True
     print(dec.flush(), flush=True)
-    return new, len(new) / max(time.perf_counter() - t0, 1e-9)
+    return new, interrupted
+
+
+def chat_ids(tok, messages: list[dict]) -> list[int]:
+    """The conversation through the tokenizer's chat template, ready for the assistant's turn; a
+    template that fails (or that jinja's sandbox refuses) is one line naming the tokenizer."""
+    import jinja2
+
+    try:
+        return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    except jinja2.TemplateError as e:
+        if isinstance(e, jinja2.TemplateSyntaxError):
+            why = f"{e.message} (template line {e.lineno})"
+        elif isinstance(e, jinja2.exceptions.SecurityError):
+            why = f"refused by the sandbox: {e}"
+        else:
+            why = str(e)
+        raise ValueError(f"{tok.source or 'tokenizer'}: chat template: {' '.join(why.split())}") from None
+
+
+def prompt_ids(tok, prompt: str, chat: bool = False) -> list[int]:
+    """The prompt as is, or (chat) as one user message through the chat template."""
+    return chat_ids(tok, [{"role": "user", "content": prompt}]) if chat else tok.encode(prompt)
 
 
 def cmd_generate(args) -> None:
     model, tok = _load(args)
-    ids = tok.encode(args.prompt)
-    print(args.prompt, end="", flush=True)
+    ids = prompt_ids(tok, args.prompt, args.chat)
+    if not args.chat:
+        print(args.prompt, end="", flush=True)
+    timing = Timing(len(ids))
     if args.speculative:
-        new, rate = _speculative_reply(model, tok, ids, args)
+        _speculative_reply(model, tok, ids, args, timing)
+        interrupted = False
     else:
-        new, rate = _stream_reply(model, tok, ids, args)
-    print(f"[{len(ids)} prompt tokens, {len(new)} new, {rate:.1f} tokens/s]", file=sys.stderr)
+        _, interrupted = print_reply(_tokens(model, tok, ids, args), tok, timing)
+    print(timing.summary(), file=sys.stderr)
+    if interrupted:
+        raise KeyboardInterrupt
 
 
-def _speculative_reply(model, tok, ids: list[int], args) -> tuple[list[int], float]:
-    """As _stream_reply, drafting with the model's MTP module or a draft model (generate/speculative.py)."""
+def _speculative_reply(model, tok, ids: list[int], args, timing: Timing) -> list[int]:
+    """As print_reply, drafting with the model's MTP module or a draft model (generate/speculative.py)."""
     from ouvert import load_model
     from ouvert.generate.speculative import speculative_generate
 
     draft = "mtp" if args.speculative == "mtp" else load_model(args.speculative, dtype=DTYPES.get(args.dtype))
     dec = tok.stream(skip_special_tokens=True)
-    t0 = time.perf_counter()
+
+    def on_token(step: list[int]) -> None:
+        timing.step(len(step))
+        print("".join(dec.push(t) for t in step), end="", flush=True)
+
     out = speculative_generate(
         model, ids, args.max_new_tokens, draft, k=args.draft_k, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, min_p=args.min_p, seed=args.seed, stop_token_ids=stop_ids(model, tok),
-        on_token=lambda step: print("".join(dec.push(t) for t in step), end="", flush=True),
+        top_p=args.top_p, min_p=args.min_p, seed=args.seed, stop_token_ids=stop_ids(model, tok), on_token=on_token,
     )
     print(dec.flush(), flush=True)
     print(f"[speculative: {out.acceptance_rate:.0%} of drafts accepted, {out.tokens_per_forward:.2f} tokens per "
           f"forward]", file=sys.stderr)
-    return out.tokens, len(out.tokens) / max(time.perf_counter() - t0, 1e-9)
+    return out.tokens
 
 
-def cmd_chat(args) -> None:
-    model, tok = _load(args)
-    messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
-    print("ouvert chat: type a message; /reset clears the conversation, /exit or Ctrl-D quits.", file=sys.stderr)
+def chat_loop(
+    tok, reply: Callable[[list[int]], Iterable[int]], system: str | None = None, read: Callable[[str], str] = input
+) -> list[dict]:
+    """The REPL of `ouvert chat`; returns the conversation. reply(ids) yields the new tokens for the
+    templated conversation. Ctrl-C during a reply stops it and returns to the prompt, keeping what
+    was said so far (nothing of the turn when no token came)."""
+    messages: list[dict] = [{"role": "system", "content": system}] if system else []
+    print("ouvert chat: type a message; Ctrl-C stops a reply; /reset clears the conversation, /exit or Ctrl-D "
+          "quits.", file=sys.stderr)
     while True:
         try:
-            line = input("> ")
+            line = read("> ")
         except EOFError:
             print(file=sys.stderr)
-            return
+            return messages
         if line.strip() in ("/exit", "/quit"):
-            return
+            return messages
         if line.strip() == "/reset":
-            messages = messages[:1] if args.system else []
+            messages = messages[:1] if system else []
             continue
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line})
-        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        new, rate = _stream_reply(model, tok, ids, args)
-        messages.append({"role": "assistant", "content": tok.decode(new, skip_special_tokens=True)})
-        print(f"[{rate:.1f} tokens/s]", file=sys.stderr)
+        ids = chat_ids(tok, messages)
+        timing = Timing(len(ids))
+        new, interrupted = print_reply(reply(ids), tok, timing)
+        if new:
+            messages.append({"role": "assistant", "content": tok.decode(new, skip_special_tokens=True)})
+        else:
+            messages.pop()  # stopped before a word: the turn did not happen
+        print(timing.summary() + (" (stopped)" if interrupted else ""), file=sys.stderr)
+
+
+def cmd_chat(args) -> None:
+    model, tok = _load(args)
+    chat_loop(tok, lambda ids: _tokens(model, tok, ids, args), args.system)
 
 
 def describe(model) -> list[tuple[str, str]]:
@@ -227,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speculative", metavar="mtp|DIR", help="speculative decoding: draft with the model's MTP "
                    "module, or with the draft model in DIR (same tokenizer)")
     p.add_argument("--draft-k", type=int, default=4, help="tokens the draft model proposes per step")
+    p.add_argument("--chat", action="store_true",
+                   help="apply the tokenizer's chat template to the prompt, as one user message (instruct models)")
     p.add_argument("prompt")
     p.set_defaults(func=cmd_generate)
     p = sub.add_parser("chat", help="talk with a model, using its chat template")
@@ -286,7 +378,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_quantize_parser(sub)
     add_card_parsers(sub)
     add_reproduce_parser(sub)
+    _add_threads(ap)
     return ap
+
+
+def _add_threads(parser: argparse.ArgumentParser) -> None:
+    """--threads on every command that runs (train has a `threads` key of its own)."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        parser.add_argument("--threads", type=int, default=None,
+                            help="torch threads (default: the cores this process may use, or OMP_NUM_THREADS)")
+    for action in subs:
+        for name, p in action.choices.items():
+            if name != "train" or action.dest != "command":
+                _add_threads(p)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -296,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     from ouvert.tokenizer import TokenizerError
 
     try:
+        configure_threads(getattr(args, "threads", None), warn=args.command in _COMPUTE_COMMANDS)
         args.func(args)
     except (CheckpointError, ConfigError, TokenizerError, ValueError, FileNotFoundError) as e:  # DataError too
         print(f"ouvert {args.command}: error: {e}", file=sys.stderr)
