@@ -119,8 +119,9 @@ class ModelConfig:
                 raise ConfigError(f"key {f.name!r} must be {_describe(_HINTS[f.name])}, not {_show(value)}")
         if self.model_type not in _FAMILIES:
             raise ConfigError(f"unknown model_type {self.model_type!r}; ouvert runs {', '.join(sorted(_FAMILIES))}")
-        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads"):
             _at_least(key, getattr(self, key), 1)
+        _at_least("num_hidden_layers", self.num_hidden_layers, 0)  # 0: embedding, norm and head (a bigram model)
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         _at_least("num_key_value_heads", self.num_key_value_heads, 1)

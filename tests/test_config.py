@@ -95,7 +95,7 @@ TINY_MOE = {**TINY, "model_type": "deepseek_v3", "kv_lora_rank": 16, "qk_rope_he
         ({**TINY, "intermediate_size": 1.5}, "key 'intermediate_size' must be an integer, not 1.5"),
         ([TINY], "expected a JSON object of config keys, not a list"),
         ({**TINY, "num_key_value_heads": 0}, "key 'num_key_value_heads' must be a positive integer, not 0"),
-        ({**TINY, "num_hidden_layers": -1}, "key 'num_hidden_layers' must be a positive integer, not -1"),
+        ({**TINY, "num_hidden_layers": -1}, "key 'num_hidden_layers' must be an integer >= 0, not -1"),
         ({**TINY, "vocab_size": 0}, "key 'vocab_size' must be a positive integer, not 0"),
         ({**TINY, "tie_word_embeddings": "no"}, """key 'tie_word_embeddings' must be true or false, not "no\""""),
         ({**TINY, "max_position_embeddings": 1e30}, "key 'max_position_embeddings' must be an integer, not 1e+30"),
