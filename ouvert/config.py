@@ -42,6 +42,7 @@ _FAMILIES: dict[str, dict[str, Any]] = {
 }
 
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+_DERIVED = ("num_key_value_heads", "head_dim", "o_proj_bias")  # None in the config: computed from other fields
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 SCORING_FUNCS = ("softmax", "sigmoid")
 # The server and generate() size caches and rotary tables from max_position_embeddings: a context
@@ -107,7 +108,15 @@ class ModelConfig:
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
+        # Fields left to be derived from others, so that replace() derives them again.
+        self._derived = frozenset(k for k in _DERIVED if getattr(self, k) is None)
         self.validate()
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with changes, deriving again what was derived (head_dim from a new hidden_size or
+        head count) unless the changes set it. dataclasses.replace would keep the old values."""
+        again = {k: None for k in self._derived if k not in changes}
+        return dataclasses.replace(self, **again, **changes)
 
     def validate(self) -> None:
         """Check every field's type (as annotated) and range, and fill the defaults that depend on

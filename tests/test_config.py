@@ -141,3 +141,12 @@ def test_float_fields_take_json_integers_as_floats():
     assert type(cfg.rope_theta) is float and type(cfg.rms_norm_eps) is float
     with pytest.raises(ConfigError, match="key 'rms_norm_eps' must be a finite number, not false"):
         ModelConfig.from_hf({**TINY, "rms_norm_eps": False})
+
+
+def test_replace_derives_head_dim_again():
+    """A preset changed in width or head count gets the head_dim of its new shape (train's [model]
+    overrides); dataclasses.replace kept the preset's 64 / 4 = 16 beside hidden_size 256."""
+    cfg = preset("tiny-llama").replace(hidden_size=256, num_attention_heads=8, num_key_value_heads=4)
+    assert cfg.head_dim == 32
+    assert preset("tiny-llama").replace(hidden_size=256, head_dim=16).head_dim == 16  # unless set
+    assert preset("llama-3.2-1b").replace(hidden_size=1024).head_dim == 64  # the preset's own head_dim stays
