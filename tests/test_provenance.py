@@ -96,6 +96,26 @@ def test_verify_names_a_tampered_file(run, tmp_path, capsys):
     assert "ouvert.json: missing" in err and "Traceback" not in err
 
 
+def test_verify_names_a_changed_train_state_file(run, tmp_path, capsys):
+    """train_state/ (what --resume loads) is hashed in ouvert.json like the weights."""
+    _, ckpt = run
+    copy = tmp_path / "copy"
+    shutil.copytree(ckpt, copy)
+    record = json.loads((copy / "ouvert.json").read_text())
+    assert record["train_state"]["train_state/optimizer.pt"] == _sha(copy / "train_state" / "optimizer.pt")
+    assert set(record["train_state"]) == {"train_state/optimizer.pt", "train_state/rng.pt",
+                                          "train_state/state.json"}
+    state = copy / "train_state" / "state.json"
+    state.write_text(state.read_text().replace('"step": 6', '"step": 5'))
+    (copy / "train_state" / "extra.pt").write_bytes(b"x")
+    with pytest.raises(SystemExit) as e:
+        main(["verify", "--model", str(copy)])
+    assert e.value.code == 1
+    out = capsys.readouterr().out
+    assert f"{state}: sha256" in out and "does not match" in out
+    assert f"{copy / 'train_state' / 'extra.pt'}: not recorded" in out
+
+
 def test_card_renders_with_its_image(run, tmp_path):
     _, ckpt = run
     copy = tmp_path / "card"
@@ -128,6 +148,23 @@ def test_reproduce_is_bitwise_and_names_a_changed_shard(run, tmp_path):
         assert not r["identical"] and r["differences"]
     finally:
         shard.write_bytes(backup)
+
+
+def test_time_budget_fixes_the_step_count_and_reproduce_replays_it(corpus_data, tmp_path):
+    """max_time turns into a step count after the first steps (inside warmup); the count is recorded
+    as max_steps, the schedule runs to it, and reproduce replays exactly that many steps."""
+    c = _cfg(corpus_data, tmp_path / "run", max_steps=100_000, max_time=3.0, warmup_steps=8, eval_every=0)
+    final = train(c)
+    record = manifest.read(final)
+    steps = record["train_config"]["max_steps"]
+    assert 8 <= steps < 100_000 and record["step"] == steps and record["max_steps_from_time"]
+    assert json.loads((final / "train_config.json").read_text())["max_steps"] == steps
+    assert (tmp_path / "run" / "final").resolve() == final.resolve()
+    r = reproduce(final, tmp_path / "again")
+    assert r["identical"], r
+
+    capped = train(_cfg(corpus_data, tmp_path / "capped", max_steps=5, max_time=1e6, warmup_steps=8))
+    assert manifest.read(capped)["step"] == 5  # max_steps stays the upper bound
 
 
 def test_reproduce_without_a_record_is_a_clear_error(tmp_path, tiny_ckpt):

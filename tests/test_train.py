@@ -167,6 +167,40 @@ def test_mtp_loss_trains_the_mtp_module(corpus_data, tmp_path):
     assert not torch.equal(attn0.kv_b_proj.weight, attn1.kv_b_proj.weight)
 
 
+class _RunsCode:
+    """Unpickling this runs a shell command: what a crafted optimizer.pt would hold."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_resume_refuses_a_crafted_optimizer_state(corpus_data, tmp_path):
+    """A train_state file that would run code on loading is refused without running it, even when
+    ouvert.json was rewritten to match it; a changed file is refused by its hash first."""
+    from ouvert.checkpoint import manifest
+    from ouvert.checkpoint.hf import CheckpointError
+
+    out = tmp_path / "run"
+    train(_cfg(corpus_data, out, max_steps=4, save_every=2, stop_at=2))
+    ckpt = out / "step-000002"
+    marker = tmp_path / "pwned"
+    opt = ckpt / "train_state" / "optimizer.pt"
+    torch.save({"state": _RunsCode(marker)}, opt)
+    with pytest.raises(CheckpointError, match=f"{opt}: sha256 .* does not match"):
+        train(_cfg(corpus_data, out, max_steps=4, save_every=2), resume=True)
+    assert not marker.exists()
+
+    record = json.loads((ckpt / "ouvert.json").read_text())  # the attacker fixes the hash too
+    record["train_state"]["train_state/optimizer.pt"] = manifest.sha256_file(opt)
+    (ckpt / "ouvert.json").write_text(json.dumps(record))
+    with pytest.raises(CheckpointError, match=f"{opt}: not plain tensor data, refused"):
+        train(_cfg(corpus_data, out, max_steps=4, save_every=2), resume=True)
+    assert not marker.exists()
+
+
 def test_failed_checkpoint_write_keeps_the_previous_one(corpus_data, tmp_path, monkeypatch):
     out = tmp_path / "run"
     train(_cfg(corpus_data, out, max_steps=4, save_every=2, stop_at=2))

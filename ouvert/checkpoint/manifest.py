@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 MANIFEST = "ouvert.json"
+TRAIN_STATE = "train_state"
 FORMAT = 1
 
 
@@ -47,6 +48,15 @@ def weight_files(path: str | Path) -> list[Path]:
 
 def weight_hashes(path: str | Path) -> dict[str, str]:
     return {f.name: sha256_file(f) for f in weight_files(path)}
+
+
+def train_state_hashes(path: str | Path) -> dict[str, str]:
+    """sha256 of every file under train_state/ (optimizer, RNG, data position), by relative path:
+    `--resume` loads these, so they are checked like the weights."""
+    path = Path(path)
+    ts = path / TRAIN_STATE
+    files = sorted(f for f in ts.rglob("*") if f.is_file()) if ts.is_dir() else []
+    return {f.relative_to(path).as_posix(): sha256_file(f) for f in files}
 
 
 def combined_hash(hashes: dict[str, str]) -> str:
@@ -128,6 +138,8 @@ def build(path: Path, model_config: dict, fields: dict[str, Any] | None = None) 
     record.update(fields or {})
     record["weights"] = hashes
     record["checkpoint_sha256"] = combined_hash(hashes) if hashes else None
+    if state := train_state_hashes(path):
+        record["train_state"] = state
     return record
 
 
@@ -170,20 +182,32 @@ def record_eval(path: str | Path, task: str, metrics: dict[str, Any]) -> None:
 
 
 def verify(path: str | Path) -> list[str]:
-    """Problems found comparing the weight files on disk with ouvert.json; [] when they match."""
+    """Problems found comparing the weight files and train_state/ on disk with ouvert.json; []
+    when they match."""
     path = Path(path)
     record = read(path)
-    problems = []
     recorded: dict[str, str] = record["weights"]
-    on_disk = {f.name for f in weight_files(path)}
+    problems = _compare(path, recorded, {f.name: f for f in weight_files(path)})
+    if not recorded:
+        problems.append(f"{path / MANIFEST}: records no weight files")
+    state_on_disk = train_state_hashes(path)
+    if "train_state" in record or state_on_disk:
+        if "train_state" not in record:
+            problems.append(f"{path / TRAIN_STATE}: not recorded in {MANIFEST} (written before ouvert "
+                            "hashed training state), so it cannot be checked")
+        else:
+            problems += _compare(path, record["train_state"], {n: path / n for n in state_on_disk})
+    return problems
+
+
+def _compare(path: Path, recorded: dict[str, str], on_disk: dict[str, Path]) -> list[str]:
+    problems = []
     for name, expected in sorted(recorded.items()):
         f = path / name
         if not f.is_file():
             problems.append(f"{f}: missing (recorded in {MANIFEST})")
         elif (actual := sha256_file(f)) != expected:
             problems.append(f"{f}: sha256 {actual[:16]}... does not match {MANIFEST} ({expected[:16]}...)")
-    for name in sorted(on_disk - set(recorded)):
-        problems.append(f"{path / name}: not recorded in {MANIFEST}")
-    if not recorded:
-        problems.append(f"{path / MANIFEST}: records no weight files")
+    for name in sorted(set(on_disk) - set(recorded)):
+        problems.append(f"{on_disk[name]}: not recorded in {MANIFEST}")
     return problems

@@ -31,7 +31,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ouvert.checkpoint import manifest
-from ouvert.checkpoint.hf import load_model, read_config, save_model
+from ouvert.checkpoint.hf import CheckpointError, load_model, read_config, save_model
 from ouvert.config import preset
 from ouvert.data import read_manifest
 from ouvert.model import Transformer
@@ -59,6 +59,9 @@ class TrainConfig:
     batch_size: int = 8
     grad_accum: int = 1
     max_steps: int = 1000
+    # a time budget in seconds instead of a step count (0: off): the first steps' speed sets max_steps
+    # (at most the value above), fixed from then on and recorded, so `reproduce` replays that many
+    max_time: float = 0.0
     stop_at: int = 0  # end this invocation (with a checkpoint) at this step; resume later. 0: max_steps
     # optimizer and schedule
     lr: float = 1e-3
@@ -190,6 +193,30 @@ def lr_at(step: int, c: TrainConfig) -> float:
     raise ValueError(f"schedule must be cosine, wsd or constant, got {c.schedule!r}")
 
 
+CALIBRATION_STEPS = 6
+
+
+def calibration_end(c: TrainConfig, step: int) -> int:
+    """The step after which a max_time run fixes its length. The steps timed must lie inside warmup,
+    whose learning rates do not depend on max_steps, so a replay of the fixed count runs them alike."""
+    until = step + CALIBRATION_STEPS
+    if c.schedule != "constant":
+        until = min(until, c.warmup_steps)
+    if until <= step:
+        raise ValueError(f"max_time: the step count is fixed during warmup, but warmup_steps is {c.warmup_steps} "
+                         f"and the run is at step {step}; set warmup_steps of at least 1, or max_steps instead")
+    return until
+
+
+def steps_for_time(c: TrainConfig, step: int, elapsed: float, per_step: float, d: D.Dist) -> int:
+    """How many steps fit in max_time at per_step seconds each, periodic evaluation included (its
+    forward passes cost about a third of a step each); at most c.max_steps, at least `step`."""
+    if c.eval_every:
+        per_step *= 1 + c.eval_steps / (3 * c.eval_every)
+    per_step = D.all_reduce_mean(torch.tensor(per_step, device=d.device), d).item()  # one count for all ranks
+    return min(c.max_steps, step + max(0, int(0.95 * (c.max_time - elapsed) / per_step)))
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Matrices decay; norms, biases and embeddings do not (as in GPT-3 / Llama recipes)."""
     decay, no_decay = [], []
@@ -267,6 +294,8 @@ def train(c: TrainConfig, resume: bool = False) -> Path:
     start_ckpt = latest_checkpoint(out) if resume else None
     if resume and start_ckpt is None:
         D.print0(d, f"no checkpoint with train_state in {out}; starting from scratch")
+    if start_ckpt is not None:
+        check_resumable(start_ckpt)
     if start_ckpt is not None and not c.lora_rank:
         model = Transformer(read_config(start_ckpt))  # weights come with the full state below
     else:
@@ -295,6 +324,11 @@ def train(c: TrainConfig, resume: bool = False) -> Path:
         state = _restore(start_ckpt, model, optimizer, task, d, lora_only=bool(c.lora_rank))
         step, tokens_seen, wall_before = state["step"], state.get("tokens_seen", 0), state.get("wall_clock_s", 0.0)
         D.print0(d, f"resumed from {start_ckpt} at step {step}")
+        if c.max_time and state.get("max_steps_from_time"):
+            c.max_steps = state["max_steps"]  # the budget was turned into steps before the stop
+    calibrate_until = calibration_end(c, step) if c.max_time and not (
+        start_ckpt is not None and state.get("max_steps_from_time")) else None
+    first_step, t_first = step, None
     provenance = run_provenance(c, d) if d.is_main else {}
     t_start = time.perf_counter()
     if c.compile:
@@ -342,6 +376,19 @@ def train(c: TrainConfig, resume: bool = False) -> Path:
         if counts:
             update_router_bias(moes, [D.all_reduce_sum(cnt, d) for cnt in counts], c.router_bias_rate)
         step += 1
+        if calibrate_until is not None:
+            now = time.perf_counter()
+            t_first = t_first or now  # the first step (allocations, warm-up) is left out of the speed
+            if step >= calibrate_until:
+                n = step - first_step - 1
+                per_step = (now - t_first) / n if n else now - t_start
+                c.max_steps = steps_for_time(c, step, wall_before + now - t_start, per_step, d)
+                end = min(c.stop_at or c.max_steps, c.max_steps)
+                calibrate_until = None
+                provenance["train_config"] = dataclasses.asdict(c)
+                D.print0(d, f"max_time {c.max_time:.0f} s: {per_step:.2f} s/step, so {c.max_steps} steps")
+                if bar is not None:
+                    bar.total = c.max_steps
         record: dict[str, Any] = {"step": step, "lr": lr, "grad_norm": float(grad_norm)}
         for k, v in sums.items():
             record["loss" if k == "lm_loss" else k] = D.all_reduce_mean(torch.tensor(v), d).item()
@@ -379,6 +426,7 @@ def train(c: TrainConfig, resume: bool = False) -> Path:
         if (c.save_every and step % c.save_every == 0) or step == end:
             run = {"step": step, "tokens_seen": tokens_seen,
                    "wall_clock_s": round(wall_before + time.perf_counter() - t_start, 3)}
+            run["max_steps_from_time"] = bool(c.max_time) and calibrate_until is None
             last_ckpt = save_checkpoint(out, step, model, optimizer, task, c, d, tokenizer, history,
                                         {**provenance, **run})
     if bar is not None:
@@ -462,9 +510,9 @@ def save_checkpoint(out: Path, step: int, model, optimizer, task, c: TrainConfig
             ts = tmp / "train_state"
             ts.mkdir()
             torch.save(osd, ts / "optimizer.pt")
-            torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-                        "python": random.getstate()}, ts / "rng.pt")
+            torch.save(rng_state(), ts / "rng.pt")
             state = {"step": step, "task": task.state_dict(), "world_size": d.world_size,
+                     "max_steps": c.max_steps, "max_steps_from_time": provenance.get("max_steps_from_time", False),
                      "tokens_seen": provenance["tokens_seen"], "wall_clock_s": provenance["wall_clock_s"],
                      "metrics": history[-1] if history else {}}
             (ts / "state.json").write_text(json.dumps(state, indent=2))
@@ -490,13 +538,56 @@ def save_checkpoint(out: Path, step: int, model, optimizer, task, c: TrainConfig
     return path
 
 
+def rng_state() -> dict[str, Any]:
+    """torch's, numpy's and Python's generators as tensors and plain values only, so that resume
+    can read them with torch.load(weights_only=True), which never runs code from the file."""
+    name, key, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "numpy": {"name": name, "key": torch.from_numpy(key.astype(np.int64)), "pos": pos,
+                      "has_gauss": has_gauss, "gauss": gauss},
+            "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next}}
+
+
+def set_rng_state(rng: dict[str, Any]) -> None:
+    torch.set_rng_state(rng["torch"])
+    n = rng["numpy"]
+    np.random.set_state((n["name"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = rng["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
+
+
+def load_plain(path: Path) -> Any:
+    """torch.load that only rebuilds tensors and plain containers: a file holding anything else
+    (a pickled object whose loading would run code) is refused, naming the file."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing; cannot resume from this checkpoint") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not plain tensor data, refused without unpickling it ({first})") from None
+
+
+def check_resumable(ckpt: Path) -> None:
+    """Before anything in `ckpt` is loaded: its weights and train_state/ must match ouvert.json."""
+    try:
+        problems = manifest.verify(ckpt)
+    except manifest.ManifestError as e:
+        raise CheckpointError(f"cannot resume: {e}") from None
+    if problems:
+        raise CheckpointError(f"cannot resume from {ckpt}: " + "; ".join(problems))
+
+
 def _restore(ckpt: Path, model, optimizer, task, d: D.Dist, lora_only: bool = False) -> dict:
     from safetensors.torch import load_file
 
     from ouvert.checkpoint.hf import hf_state_dict_to_ours
 
     state = json.loads((ckpt / "train_state" / "state.json").read_text())
-    osd = torch.load(ckpt / "train_state" / "optimizer.pt", weights_only=False)
+    osd = load_plain(ckpt / "train_state" / "optimizer.pt")
     if lora_only:  # adapters were loaded with the model; the base is frozen and unchanged
         D.load_full_state(model, optimizer, D.unwrap(model).state_dict(), osd)
     else:
@@ -506,10 +597,7 @@ def _restore(ckpt: Path, model, optimizer, task, d: D.Dist, lora_only: bool = Fa
         msd = hf_state_dict_to_ours(hf, D.unwrap(model).config)
         D.load_full_state(model, optimizer, msd, osd)
     task.load_state_dict(state["task"])
-    rng = torch.load(ckpt / "train_state" / "rng.pt", weights_only=False)
-    torch.set_rng_state(rng["torch"])
-    np.random.set_state(rng["numpy"])
-    random.setstate(rng["python"])
+    set_rng_state(load_plain(ckpt / "train_state" / "rng.pt"))
     return state
 
 

@@ -104,6 +104,7 @@ def reproduce(model_dir: str | Path, out_dir: str | Path, data_dir: str | Path |
     c = TrainConfig(**record["train_config"])
     c.out_dir = str(out_dir)
     c.stop_at = record["step"]
+    c.max_time = 0.0  # a time-budgeted run recorded the step count its budget came to: replay that many
     c.threads = record.get("hardware", {}).get("torch_threads", c.threads)  # sums split across threads round alike
     data = record.get("data", {})
     if "shards" in data:
