@@ -125,24 +125,24 @@ def cmd_generate(args) -> None:
     ids = prompt_ids(tok, args.prompt, args.chat)
     if not args.chat:
         print(args.prompt, end="", flush=True)
-    timing = Timing(len(ids))
     if args.speculative:
-        _speculative_reply(model, tok, ids, args, timing)
-        interrupted = False
+        timing, interrupted = _speculative_reply(model, tok, ids, args), False
     else:
+        timing = Timing(len(ids))
         _, interrupted = print_reply(_tokens(model, tok, ids, args), tok, timing)
     print(timing.summary(), file=sys.stderr)
     if interrupted:
         raise KeyboardInterrupt
 
 
-def _speculative_reply(model, tok, ids: list[int], args, timing: Timing) -> list[int]:
+def _speculative_reply(model, tok, ids: list[int], args) -> Timing:
     """As print_reply, drafting with the model's MTP module or a draft model (generate/speculative.py)."""
     from ouvert import load_model
     from ouvert.generate.speculative import speculative_generate
 
     draft = "mtp" if args.speculative == "mtp" else load_model(args.speculative, dtype=DTYPES.get(args.dtype))
     dec = tok.stream(skip_special_tokens=True)
+    timing = Timing(len(ids))  # after loading the draft model, which is no part of the prompt pass
 
     def on_token(step: list[int]) -> None:
         timing.step(len(step))
@@ -155,7 +155,7 @@ def _speculative_reply(model, tok, ids: list[int], args, timing: Timing) -> list
     print(dec.flush(), flush=True)
     print(f"[speculative: {out.acceptance_rate:.0%} of drafts accepted, {out.tokens_per_forward:.2f} tokens per "
           f"forward]", file=sys.stderr)
-    return out.tokens
+    return timing
 
 
 def chat_loop(
