@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -60,6 +61,13 @@ def start(model_dir, *flags):
 @pytest.fixture(scope="module")
 def url(model_dir):
     with start(model_dir, "--max-batch", "8", "--max-body", "65536") as u:
+        yield u
+
+
+@pytest.fixture(scope="module")
+def strict_url(model_dir):
+    """A server with the default body limit (4 MiB), a queue of 4 and a body timeout of 1 s."""
+    with start(model_dir, "--max-batch", "2", "--max-queue", "4", "--body-timeout", "1") as u:
         yield u
 
 
@@ -369,6 +377,8 @@ def test_too_long_prompt(client):
         "name": "x", "schema": {"type": "no-such-type"}}}}, 400, "response_format.json_schema.schema",
      "invalid_value"),
     ({"model": "tiny-chat", "messages": USER, "logit_bias": {"999999999": 5}}, 400, "logit_bias", "invalid_value"),
+    ({"model": "tiny-chat", "messages": USER, "seed": 2**64}, 400, "seed", "invalid_value"),
+    ({"model": "tiny-chat", "messages": USER, "seed": -1}, 400, "seed", "invalid_value"),
 ])
 def test_bad_requests_answer_in_openai_shape(url, body, status, param, code):
     r = httpx.post(url + "/v1/chat/completions", json=body)
@@ -453,3 +463,27 @@ def test_a_failing_request_answers_500_without_a_trace(model_dir, capfd):
         assert "boom" not in e.value.response.text and "Traceback" not in e.value.response.text
         assert chat(c, max_tokens=3).usage.completion_tokens == 3
     assert "boom: a bug in sampling" in capfd.readouterr().err
+
+
+# ---- hostile clients ------------------------------------------------------------------------------
+
+
+def test_a_partial_body_is_cut_off(strict_url):
+    """A client that announces more body than it sends gets a 408 and a closed connection after the
+    body timeout (1 s here), and the server serves others meanwhile."""
+    host, port = strict_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 1000\r\n\r\n{\"model\": \"tiny-chat\"")
+        assert httpx.get(strict_url + "/health").status_code == 200
+        reply = b""
+        while data := s.recv(4096):  # until the server closes the connection (a timeout raises)
+            reply += data
+    assert reply.startswith(b"HTTP/1.1 408") and b"request_timeout" in reply
+
+
+def test_the_largest_seed_with_n(client):
+    """Seeds run to 2**63 - 1 (torch's signed 64 bits); the next choices' seeds, seed + i, wrap around."""
+    assert len(chat(client, max_tokens=2, seed=2**63 - 1, n=2).choices) == 2
+
+

@@ -5,7 +5,8 @@ events ending with `data: [DONE]`, or not), GET /health, GET /metrics (Prometheu
 chat page at /. Every error is in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`,
 with a 4xx status and the field at fault in `param`; an unexpected failure answers 500 with a plain
 message, never a stack trace. An optional bearer key guards /v1 and /metrics (compared in
-constant time), and request bodies over a size limit get 413.
+constant time), request bodies over a size limit get 413, and a body that does not arrive in full
+within a time limit gets 408 and a closed connection (a client cannot hold one open by sending half).
 
 Extensions beyond OpenAI's fields, as other servers name them: `top_k`, `min_p`, `ignore_eos`.
 Log-probabilities are the model's own (log-softmax of the raw logits), before penalties,
@@ -31,7 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request as HTTPRequest
 
 from ouvert.serve import tools as tool_fmt
-from ouvert.serve.engine import Engine, Handle, Output, QueueFull, Request
+from ouvert.serve.engine import SEED_MAX, Engine, Handle, Output, QueueFull, Request
 from ouvert.serve.grammar import GrammarCompiler, GrammarError
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -139,7 +140,7 @@ class _Sampling(_Schema):
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
     n: Annotated[int, Field(ge=1, le=16)] | None = None
     stop: str | Annotated[list[str], Field(max_length=4)] | None = None
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=0, le=SEED_MAX)] | None = None
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
@@ -174,10 +175,11 @@ class CompletionRequest(_Sampling):
 
 
 class Guard:
-    """ASGI middleware: bearer key on /v1 and /metrics, a request-body size limit, and HTTP counts."""
+    """ASGI middleware: bearer key on /v1 and /metrics, request-body size and time limits, and HTTP counts."""
 
-    def __init__(self, app, api_key: str | None, max_body: int, counts: dict):
+    def __init__(self, app, api_key: str | None, max_body: int, counts: dict, body_timeout: float = 30.0):
         self.app, self.api_key, self.max_body, self.counts = app, api_key, max_body, counts
+        self.body_timeout = body_timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -205,16 +207,23 @@ class Guard:
                 length = dict(scope["headers"]).get(b"content-length")
                 if length is not None and int(length) > self.max_body:
                     return await reply(self._too_large())
-                body, more = b"", True
+                parts, size, more = [], 0, True  # joined once: += on bytes is quadratic in the parts
+                deadline = asyncio.get_running_loop().time() + self.body_timeout
                 while more:
-                    message = await receive()
+                    try:
+                        message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
+                    except TimeoutError:
+                        return await reply(error_response(
+                            408, f"The request body did not arrive within {self.body_timeout:g} s.",
+                            "invalid_request_error", code="request_timeout", headers={"Connection": "close"}))
                     if message["type"] == "http.disconnect":
                         return
-                    body += message.get("body", b"")
+                    parts.append(message.get("body", b""))
+                    size += len(parts[-1])
                     more = message.get("more_body", False)
-                    if len(body) > self.max_body:
+                    if size > self.max_body:
                         return await reply(self._too_large())
-                sent = False
+                body, sent = b"".join(parts), False
 
                 async def replay():
                     nonlocal sent
@@ -236,8 +245,10 @@ class Guard:
                               code="request_too_large")
 
 
-def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_body: int = 4 << 20) -> FastAPI:
-    """The FastAPI app serving `engine` under `model_name`; starts and stops the engine's thread."""
+def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_body: int = 4 << 20,
+               body_timeout: float = 30.0) -> FastAPI:
+    """The FastAPI app serving `engine` under `model_name`; starts and stops the engine's thread.
+    body_timeout: seconds a request's body may take to arrive in full."""
     from contextlib import asynccontextmanager
 
     tok = engine.tokenizer
@@ -254,7 +265,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
             engine.stop()
 
     app = FastAPI(title="ouvert", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(Guard, api_key=api_key, max_body=max_body, counts=http_counts)
+    app.add_middleware(Guard, api_key=api_key, max_body=max_body, counts=http_counts, body_timeout=body_timeout)
 
     @app.exception_handler(APIError)
     async def _api_error(request, e: APIError):
@@ -384,7 +395,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
         return outs
 
     def seeds(body: _Sampling, n: int) -> list[int | None]:
-        return [None if body.seed is None else body.seed + i for i in range(n)]
+        return [None if body.seed is None else (body.seed + i) % (SEED_MAX + 1) for i in range(n)]
 
     def usage(outs: list[list[Output]]) -> dict:
         last = [o[-1] for o in outs]

@@ -26,6 +26,8 @@ def add_serve_parser(sub) -> None:
                    help="chunks prefilled per step: more for a sooner first token, fewer for steadier streams")
     p.add_argument("--served-model-name", help="the model id clients use (default: the directory's name)")
     p.add_argument("--max-body", type=int, default=4 << 20, help="largest request body in bytes (default 4 MiB)")
+    p.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds a request body may take to arrive in full; then 408 (default 30)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: as stored")
     p.set_defaults(func=cmd_serve)
 
@@ -48,7 +50,8 @@ def build_app(args: argparse.Namespace):
     engine = Engine(model, tok, max_batch=args.max_batch, max_len=args.max_len, chunk=args.chunk,
                     prefill_chunks=args.prefill_chunks, max_queue=args.max_queue, cache_memory=memory)
     name = args.served_model_name or Path(args.model).resolve().name
-    return create_app(engine, name, api_key=args.api_key, max_body=args.max_body), engine
+    return create_app(engine, name, api_key=args.api_key, max_body=args.max_body,
+                      body_timeout=args.body_timeout), engine
 
 
 def cmd_serve(args: argparse.Namespace) -> None:

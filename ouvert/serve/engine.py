@@ -56,6 +56,9 @@ class QueueFull(Exception):
     """The waiting queue is at max_queue."""
 
 
+SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit integer
+
+
 @dataclass
 class Request:
     """One completion to generate. temperature 0 is greedy; logprobs None is off, k >= 0 gives the
@@ -269,6 +272,8 @@ class Engine:
             raise ValueError("max_tokens must be at least 1")
         if max(req.prompt) >= self.vocab_size or min(req.prompt) < 0:
             raise ValueError(f"prompt token ids must be in [0, {self.vocab_size}) (the model's vocabulary)")
+        if req.seed is not None and not 0 <= req.seed <= SEED_MAX:
+            raise ValueError(f"seed must be in [0, {SEED_MAX}], got {req.seed}")
         handle = Handle(on_output)
         seq = _Seq(req, handle, self)
         with self._cond:
