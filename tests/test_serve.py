@@ -80,6 +80,36 @@ def chat(client, messages=USER, **kw):
     return client.chat.completions.create(model="tiny-chat", messages=messages, **kw)
 
 
+class Ticker:
+    """A long streaming request read in a thread, with the time each line of it arrives: how steadily
+    one stream is served while something else happens."""
+
+    def __init__(self, url: str):
+        self.times: list[float] = []
+        self.done = threading.Event()
+        body = {"model": "tiny-chat", "messages": USER, "max_tokens": 4000, "stream": True, "ignore_eos": True}
+
+        def read():
+            with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=120) as r:
+                for _ in r.iter_lines():
+                    self.times.append(time.monotonic())
+                    if self.done.is_set():
+                        return
+
+        self.thread = threading.Thread(target=read, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while len(self.times) < 10 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(self.times) >= 10, "the stream did not start"
+
+    def largest_gap(self) -> float:
+        """Stop reading (after one more line) and return the longest wait between two lines."""
+        self.done.set()
+        self.thread.join(timeout=120)
+        return max(b - a for a, b in zip(self.times, self.times[1:]))
+
+
 def metrics(url) -> dict[str, float]:
     text = httpx.get(url + "/metrics").text
     return {m[1]: float(m[2]) for m in re.finditer(r"^([a-z_]+(?:\{[^}]*\})?) (\S+)$", text, re.M)}
@@ -379,6 +409,8 @@ def test_too_long_prompt(client):
     ({"model": "tiny-chat", "messages": USER, "logit_bias": {"999999999": 5}}, 400, "logit_bias", "invalid_value"),
     ({"model": "tiny-chat", "messages": USER, "seed": 2**64}, 400, "seed", "invalid_value"),
     ({"model": "tiny-chat", "messages": USER, "seed": -1}, 400, "seed", "invalid_value"),
+    ({"model": "tiny-chat", "messages": USER, "stop": "x" * 501}, 400, "stop", "invalid_value"),
+    ({"model": "tiny-chat", "messages": USER, "stop": ["ok", "x" * 501]}, 400, "stop", "invalid_value"),
 ])
 def test_bad_requests_answer_in_openai_shape(url, body, status, param, code):
     r = httpx.post(url + "/v1/chat/completions", json=body)
@@ -466,6 +498,21 @@ def test_a_failing_request_answers_500_without_a_trace(model_dir, capfd):
 
 
 # ---- hostile clients ------------------------------------------------------------------------------
+
+
+def test_hostile_stop_strings_do_not_stall_streams(strict_url):
+    """A megabyte stop string is refused (it once froze every stream for 20 s: each token tested each
+    of its prefixes), and four of the longest allowed are served while a stream goes on at its pace.
+    The bound on the stream's longest wait is generous: the machine may be busy with other tests."""
+    ticker = Ticker(strict_url)
+    body = {"model": "tiny-chat", "messages": USER, "max_tokens": 1, "stop": ["a" * 1_000_000]}
+    r = httpx.post(strict_url + "/v1/chat/completions", json=body, timeout=120)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stop"
+    longest = ["x" * 499 + c for c in "abcd"]
+    body = {"model": "tiny-chat", "messages": USER, "max_tokens": 40, "stop": longest, "ignore_eos": True}
+    r = httpx.post(strict_url + "/v1/chat/completions", json=body, timeout=120)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 40
+    assert ticker.largest_gap() < 2.0
 
 
 def test_a_partial_body_is_cut_off(strict_url):

@@ -4,6 +4,8 @@ prefix caching, GQA and MLA caches, and constrained decoding that closes in time
 from __future__ import annotations
 
 import json
+import random
+import time
 
 import jsonschema
 import pytest
@@ -11,7 +13,7 @@ import torch
 
 from ouvert import ModelConfig, Transformer, load_tokenizer
 from ouvert.generate import generate
-from ouvert.serve.engine import Engine, Request
+from ouvert.serve.engine import Engine, Request, StopStrings
 from ouvert.serve.grammar import GrammarCompiler
 
 LLAMA = dict(model_type="llama", vocab_size=128256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -141,6 +143,71 @@ def test_stop_strings_are_cut_and_held_back(llama, tok):
     cut = run(engine, [Request(tok.encode("Hello"), 24, temperature=0, stop=[stop], ignore_eos=True)])[0]
     assert "".join(o.text for o in cut) == full[: full.index(stop)]
     assert cut[-1].finish_reason == "stop"
+
+
+def _naive_stops(pieces: list[str], stops: list[str]) -> tuple[str, bool]:
+    """The specification StopStrings implements, written the obvious (quadratic) way: the text up to
+    where the earliest stop string begins, once one has appeared."""
+    text = ""
+    for p in pieces:
+        text += p
+        hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+        if hits:
+            return text[: min(hits)], True
+    return text, False
+
+
+def test_stop_strings():
+    """Stop strings split across pieces, several at once, held text and the final flush; and over random
+    texts and splits, the same as the obvious quadratic search."""
+    st = StopStrings(["END"])
+    assert st.push("abcE") == ("abc", False) and st.held == "E"  # "E" may begin END
+    assert st.push("N") == ("", False) and st.held == "EN"
+    assert st.push("Dxyz") == ("", True)  # END is complete: nothing of it, nor after it, is sent
+    st = StopStrings(["END"])
+    assert st.push("xEN") == ("x", False)
+    assert st.push("", final=True) == ("EN", False)  # the end of the stream sends what was held
+    # the earliest stop string wins, even when a later one completes first
+    assert StopStrings(["bc", "abcd"]).push("xabcd") == ("x", True)
+    st = StopStrings(["world", "lo w"])
+    assert [st.push(p) for p in ("hel", "lo wor")] == [("he", False), ("l", True)]  # "l" waited: "lo w"?
+    # a prefix that fails part-way falls back to a shorter one (the automaton's failure links)
+    st = StopStrings(["aab"])
+    assert [st.push(c) for c in "aaab"] == [("", False), ("", False), ("a", False), ("", True)]
+    # held text is never longer than the longest stop string less one character
+    st = StopStrings(["a" * 50 + "b", "zz"])
+    for _ in range(200):
+        st.push("a")
+        assert len(st.held) <= 50
+    assert st.push("c") == ("a" * 50 + "c", False)
+    assert StopStrings([""]).push("text") == ("text", False)  # an empty stop string is no stop string
+    rng = random.Random(0)
+    for _ in range(500):
+        stops = ["".join(rng.choices("ab", k=rng.randint(1, 5))) for _ in range(rng.randint(1, 3))]
+        text = "".join(rng.choices("abc", k=rng.randint(0, 30)))
+        cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, rng.randint(0, 6))))
+        pieces = [text[i:j] for i, j in zip([0, *cuts], [*cuts, len(text)])]
+        st, sent, stopped = StopStrings(stops), "", False
+        for p in pieces:
+            out, stopped = st.push(p)
+            sent += out
+            if stopped:
+                break
+        if not stopped:
+            sent += st.push("", final=True)[0]
+        assert (sent, stopped) == _naive_stops(pieces, stops), (stops, pieces)
+
+
+def test_stop_strings_cost_linear_time():
+    """Each piece costs time in its own length, not in the stop string's: 200 pieces against a stop
+    string of 200,000 characters take well under a second (testing each prefix of it at each piece
+    took seconds per piece). The bound is loose: the machine may be busy with other tests."""
+    st = StopStrings(["ab" * 100_000])
+    t0 = time.perf_counter()
+    for _ in range(200):
+        assert st.push("ab") == ("", False)
+    assert st.push("c") == ("ab" * 200 + "c", False)
+    assert time.perf_counter() - t0 < 5.0
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ import jinja2
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request as HTTPRequest
 
@@ -36,6 +36,7 @@ from ouvert.serve.engine import SEED_MAX, Engine, Handle, Output, QueueFull, Req
 from ouvert.serve.grammar import GrammarCompiler, GrammarError
 
 STATIC = Path(__file__).resolve().parent / "static"
+MAX_STOP_CHARS = 500  # per stop string: what is held back from a stream while it may begin one
 
 
 # ---- errors -----------------------------------------------------------------------------------
@@ -150,6 +151,14 @@ class _Sampling(_Schema):
     top_k: Annotated[int, Field(ge=0)] | None = None
     min_p: Annotated[float, Field(ge=0, le=1)] | None = None
     ignore_eos: bool | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _short_stops(cls, v):
+        for s in [v] if isinstance(v, str) else v or []:
+            if len(s) > MAX_STOP_CHARS:
+                raise ValueError(f"a stop string may hold at most {MAX_STOP_CHARS} characters, got {len(s)}")
+        return v
 
 
 class ChatCompletionRequest(_Sampling):

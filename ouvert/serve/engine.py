@@ -59,6 +59,60 @@ class QueueFull(Exception):
 SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit integer
 
 
+class StopStrings:
+    """Finds stop strings in text that arrives in pieces, in time linear in the text.
+
+    Each stop string has a Knuth-Morris-Pratt automaton whose state is the length of the longest
+    suffix of the text so far that is a prefix of that string. A piece of text moves each state one
+    character at a time (amortized O(1) per character), so a token costs O(len(its text)) whatever
+    the stop strings' length. The text that may begin a stop string (the longest such suffix, at most
+    the longest stop string less one character) is held back until it cannot.
+    Empty stop strings are ignored: they would end every request before its first token.
+    """
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.fail = [_failure(s) for s in self.stops]
+        self.state = [0] * len(self.stops)
+        self.held = ""
+
+    def push(self, new: str, final: bool = False) -> tuple[str, bool]:
+        """Add new text; return the part safe to send, and whether a stop string ended the text
+        (the text is then cut where the earliest stop string begins). final sends what is held."""
+        text = self.held + new
+        cut = None
+        for k, (s, fail) in enumerate(zip(self.stops, self.fail)):
+            q = self.state[k]
+            for j, ch in enumerate(new):
+                while q and s[q] != ch:
+                    q = fail[q - 1]
+                if s[q] == ch:
+                    q += 1
+                if q == len(s):  # s ends at new[j]
+                    start = len(self.held) + j + 1 - len(s)
+                    cut = start if cut is None else min(cut, start)
+                    break
+            self.state[k] = q
+        if cut is not None:
+            self.held = ""
+            return text[:cut], True
+        keep = 0 if final else max(self.state, default=0)
+        self.held = text[len(text) - keep :] if keep else ""
+        return text[: len(text) - keep], False
+
+
+def _failure(s: str) -> list[int]:
+    """KMP's failure function: f[i] = length of the longest proper prefix of s[: i + 1] that is also its suffix."""
+    f, q = [0] * len(s), 0
+    for i in range(1, len(s)):
+        while q and s[i] != s[q]:
+            q = f[q - 1]
+        if s[i] == s[q]:
+            q += 1
+        f[i] = q
+    return f
+
+
 @dataclass
 class Request:
     """One completion to generate. temperature 0 is greedy; logprobs None is off, k >= 0 gives the
@@ -183,7 +237,7 @@ class _Seq:
                 self.bias[t] = b
         self.constraint = req.grammar.new() if req.grammar is not None else None
         self.decoder = engine.tokenizer.stream(skip_special_tokens=True)
-        self.held = ""  # decoded text not sent yet (it may begin a stop string)
+        self.stops = StopStrings(req.stop)  # holds decoded text not sent yet (it may begin a stop string)
         self.t_submit = time.perf_counter()
         self.t_first: float | None = None
 
@@ -497,20 +551,7 @@ class Engine:
 
     def _text(self, seq: _Seq, new: str, final: bool = False) -> tuple[str, bool]:
         """Add new text; return the part safe to send and whether a stop string was found."""
-        text = seq.held + new
-        stops = seq.req.stop
-        if not stops:
-            seq.held = ""
-            return text, False
-        hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-        if hits:
-            seq.held = ""
-            return text[: min(hits)], True
-        keep = 0 if final else max(
-            (k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0
-        )
-        seq.held = text[len(text) - keep :] if keep else ""
-        return text[: len(text) - keep], False
+        return seq.stops.push(new, final)
 
     def _finish(self, seq: _Seq, reason: str, out: Output | None = None, flush: bool = True) -> None:
         """Send the last Output (with the text still held, unless a stop string ended it) and free the slot."""
