@@ -534,3 +534,13 @@ def test_the_largest_seed_with_n(client):
     assert len(chat(client, max_tokens=2, seed=2**63 - 1, n=2).choices) == 2
 
 
+def test_serve_a_gguf_file(model_dir, tmp_path, client):
+    """`ouvert serve --model FILE.gguf` loads as generate and chat do: the tokenizer from the file."""
+    from ouvert.checkpoint.gguf import export_gguf
+
+    path = export_gguf(model_dir, tmp_path / "tiny-chat.gguf", "f32")
+    with start(path, "--max-batch", "2", "--served-model-name", "tiny-chat") as u:
+        c = openai.OpenAI(base_url=u + "/v1", api_key="x", max_retries=0)
+        r = chat(c, max_tokens=8, temperature=0)
+    assert r.usage.completion_tokens == 8
+    assert r.choices[0].message.content == chat(client, max_tokens=8, temperature=0).choices[0].message.content

@@ -11,8 +11,8 @@ from pathlib import Path
 def add_serve_parser(sub) -> None:
     """Register `serve` on the `ouvert` command's subparsers."""
     p = sub.add_parser("serve", help="an OpenAI-compatible server with continuous batching, and a chat page")
-    p.add_argument("--model", required=True, help="checkpoint directory (Hugging Face layout)")
-    p.add_argument("--tokenizer", help="tokenizer directory (default: the model's)")
+    p.add_argument("--model", required=True, help="checkpoint directory (Hugging Face layout) or GGUF file")
+    p.add_argument("--tokenizer", help="tokenizer directory or GGUF file (default: the model's)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=8, help="cache slots: requests decoded together")
@@ -34,18 +34,11 @@ def add_serve_parser(sub) -> None:
 
 def build_app(args: argparse.Namespace):
     """Load the model and tokenizer named by args and return (app, engine)."""
-    import torch
-
-    from ouvert import load_model, load_tokenizer
+    from ouvert.cli import _load  # the loader of generate and chat: a directory or a GGUF file
     from ouvert.serve.api import create_app
     from ouvert.serve.engine import Engine, default_cache_memory
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype)
-    model = load_model(args.model, dtype=dtype)
-    tok_dir = Path(args.tokenizer or args.model)
-    if not (tok_dir / "tokenizer.json").is_file():
-        raise ValueError(f"{tok_dir}: no tokenizer.json; pass --tokenizer DIR")
-    tok = load_tokenizer(tok_dir)
+    model, tok = _load(args)
     memory = int(args.cache_memory * (1 << 30)) if args.cache_memory else default_cache_memory()
     engine = Engine(model, tok, max_batch=args.max_batch, max_len=args.max_len, chunk=args.chunk,
                     prefill_chunks=args.prefill_chunks, max_queue=args.max_queue, cache_memory=memory)
