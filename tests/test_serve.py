@@ -515,6 +515,25 @@ def test_hostile_stop_strings_do_not_stall_streams(strict_url):
     assert ticker.largest_gap() < 2.0
 
 
+def test_dropped_request_frees_its_slot(url):
+    """A non-streaming request whose client leaves is cancelled while it is generating (the server
+    once looked only after half a second without output, which a busy server never has)."""
+    before = metrics(url)
+    body = {"model": "tiny-chat", "messages": USER, "max_tokens": 4000, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + "/v1/chat/completions", json=body, timeout=httpx.Timeout(30, read=1.5))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        m = metrics(url)
+        if m["ouvert_batch_size"] == 0:
+            break
+        time.sleep(0.1)
+    assert m["ouvert_batch_size"] == 0
+    key = 'ouvert_requests_finished_total{reason="cancelled"}'
+    assert m.get(key, 0) == before.get(key, 0) + 1
+    assert m["ouvert_generation_tokens_total"] - before["ouvert_generation_tokens_total"] < 3000
+
+
 def test_a_partial_body_is_cut_off(strict_url):
     """A client that announces more body than it sends gets a 408 and a closed connection after the
     body timeout (1 s here), and the server serves others meanwhile."""

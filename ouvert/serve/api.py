@@ -388,12 +388,13 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
             while left:
                 try:
                     i, out = await asyncio.wait_for(queue.get(), timeout=0.5)
+                    outs[i].append(out)
+                    left -= out.finish_reason is not None
                 except TimeoutError:
-                    if await request.is_disconnected():
-                        raise APIError(499, "The client closed the request.") from None
-                    continue
-                outs[i].append(out)
-                left -= out.finish_reason is not None
+                    pass
+                # at every output too: a busy server may never leave half a second without one
+                if left and await request.is_disconnected():
+                    raise APIError(499, "The client closed the request.") from None
         finally:
             if left:
                 for h in handles:
