@@ -7,9 +7,10 @@
   block's scale) and q4_0 (one step);
 - the metadata says every setting explicitly, DeepSeek-V3's sigmoid gating in particular although
   transformers 5 leaves scoring_func out of config.json;
-- where llama-cpp-python is installed, llama.cpp itself loads the files, tokenizes as ouvert does,
-  renders the chat template as ouvert does, and gives the same 32 greedy tokens, for llama (GQA,
-  llama3 rope scaling) and deepseek2 (MLA with q_lora, sigmoid routing in groups, YaRN), in f32;
+- llama.cpp itself (cyllama's prebuilt build, see _llama_cpp) loads the files, tokenizes as ouvert
+  does, carries the chat template that renders as ouvert's, and gives the same 32 greedy tokens and
+  logits, for llama (GQA, llama3 rope scaling) and deepseek2 (MLA with q_lora, sigmoid routing in
+  groups, YaRN), in f32;
 - `load_model("x.gguf")` gives back the same model, and bad files give one error naming the thing.
 
 Models are tiny (vocabulary 320, width 64) with a byte-level BPE tokenizer trained here in Llama 3's
@@ -380,19 +381,63 @@ def test_cli_export(llama_dir, tmp_path, capsys):
 # ---- llama.cpp itself -----------------------------------------------------------------------------
 
 
-def _llama_cpp_greedy(path, prompt: list[int], n: int) -> tuple[list[int], list[np.ndarray], object]:
-    import llama_cpp  # llama-cpp-python, in requirements-dev.txt
+def _llama_cpp():
+    """llama.cpp's C API through cyllama (requirements-dev.txt): a prebuilt wheel whose llama.cpp is
+    compiled for AVX2 without AVX-512, so every x86 CPU the tests run on runs the same code, and no
+    one waits ten minutes for a source build as llama-cpp-python's needed."""
+    import cyllama.llama.llama_cpp as cp
+
+    cp.disable_logging()
+    cp.ggml_backend_load_all()
+    return cp
+
+
+def _llama_cpp_model(path):
+    """The whole model: this llama.cpp aborts the process loading a file vocab_only (llama-hparams.cpp:35)."""
+    cp = _llama_cpp()
+
+    class Model(cp.LlamaModel):
+        # cyllama 0.2.18's LlamaContext.get_logits_ith asks its model for n_vocab, which only the vocab has
+        n_vocab = property(lambda self: self.get_vocab().n_vocab)
+
+    return Model(str(path), cp.LlamaModelParams())
+
+
+def _llama_cpp_context(model, n_ctx: int):
+    cp = _llama_cpp()
+    params = cp.LlamaContextParams()
+    params.n_ctx = params.n_batch = params.n_ubatch = n_ctx
     # one thread: OpenMP workers spinning on a shared 2-core machine are slower than one
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, n_batch=128, n_threads=1, n_threads_batch=1,
-                          logits_all=True, verbose=False)
-    llm.eval(prompt)
+    params.n_threads = params.n_threads_batch = 1
+    # Flash attention off, as llama-cpp-python had it: this llama.cpp's "auto" turns it on, and on
+    # deepseek2 (MLA) its logits then move by 10% (decode) to 70% (prompt) of their range.
+    params.flash_attn_type = 0
+    return cp.LlamaContext(model, params)
+
+
+def _llama_cpp_greedy(model, prompt: list[int], n: int) -> tuple[list[int], list[np.ndarray]]:
+    """llama.cpp's greedy tokens after prompt and the logits each was chosen from, one decode a token."""
+    cp = _llama_cpp()
+    ctx = _llama_cpp_context(model, 128)
+    ctx.decode(cp.llama_batch_get_one(prompt))
     out, logits = [], []
-    for _ in range(n):
-        row = np.array(llm.scores[llm.n_tokens - 1])
+    for i in range(n):
+        row = np.array(ctx.get_logits_ith(-1))
         logits.append(row)
         out.append(int(row.argmax()))
-        llm.eval([out[-1]])
-    return out, logits, llm
+        ctx.decode(cp.llama_batch_get_one([out[-1]], len(prompt) + i))
+    return out, logits
+
+
+def _llama_cpp_logits(model, tokens: list[int]) -> np.ndarray:
+    """Teacher-forced: llama.cpp's logits at every position of tokens, from one batch (the prompt path)."""
+    cp = _llama_cpp()
+    ctx = _llama_cpp_context(model, len(tokens))
+    batch = cp.LlamaBatch(n_tokens=len(tokens), embd=0, n_seq_max=1)
+    for i, t in enumerate(tokens):
+        batch.add(t, i, [0], True)
+    ctx.decode(batch)
+    return np.stack([np.array(ctx.get_logits_ith(i)) for i in range(len(tokens))])
 
 
 @pytest.mark.parametrize("arch", ["llama", "deepseek"])
@@ -402,27 +447,34 @@ def test_llama_cpp_same_greedy_tokens(exported, llama_dir, deepseek_dir, tok_dir
     model = ouvert.load_model(d)
     tok = load_tokenizer(tok_dir)
     prompt = tok.encode("The quick brown fox, ça va? 1234")
-    theirs, logits, llm = _llama_cpp_greedy(exported[arch, "f32"], prompt, 32)
+    llm = _llama_cpp_model(exported[arch, "f32"])
+    theirs, logits = _llama_cpp_greedy(llm, prompt, 32)
     ours = ouvert.generate(model, prompt, max_new_tokens=32, temperature=0)[0]
     ours = ours[len(prompt):] if len(ours) > 32 else ours
     assert list(ours) == theirs
     with torch.no_grad():
-        ref = model(torch.tensor([prompt + theirs]))[0, len(prompt) - 1 : -1]
+        full = model(torch.tensor([prompt + theirs]))[0]
+    ref = full[len(prompt) - 1 : -1]
     assert ref.std() > 1.0  # not flat: greedy decisions mean something
+    # f32 both sides, but llama.cpp keeps K and V in f16: measured 0.2-0.3% of the range, here and on AVX2
     assert np.abs(np.stack(logits) - ref.numpy()).max() < 0.05 * float(ref.abs().max())
+    # and teacher-forced, every position from one batch (llama.cpp's prompt path)
+    assert np.abs(_llama_cpp_logits(llm, prompt + theirs) - full.numpy()).max() < 0.05 * float(full.abs().max())
 
     # the tokenizer and chat template travel with the file
     text = "Ça va très bien, merci ! 你好 won't 12345 <|eot_id|>"
-    assert llm.tokenize(text.encode(), add_bos=True, special=True) == tok.encode(text)
-    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+    vocab = llm.get_vocab()
+    assert vocab.tokenize(text, add_special=True, parse_special=True) == tok.encode(text)
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    meta = llm.metadata
-    bos = llm.detokenize([int(meta["tokenizer.ggml.bos_token_id"])], special=True).decode()
-    eos = llm.detokenize([int(meta["tokenizer.ggml.eos_token_id"])], special=True).decode()
+    bos = vocab.token_to_piece(vocab.token_bos(), special=True)
+    eos = vocab.token_to_piece(vocab.token_eos(), special=True)
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
-    rendered = Jinja2ChatFormatter(meta["tokenizer.chat_template"], eos, bos)(messages=messages).prompt
+    # rendered as llama-cpp-python's Jinja2ChatFormatter renders a GGUF's template
+    template = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(
+        llm.metadata()["tokenizer.chat_template"])
+    rendered = template.render(messages=messages, bos_token=bos, eos_token=eos, add_generation_prompt=True)
     assert rendered == tok.apply_chat_template(messages, add_generation_prompt=True)
-    llm.close()
 
 
 @pytest.mark.parametrize("which", ["llama3", "deepseek-v3"])
@@ -452,21 +504,16 @@ def test_llama_cpp_tokenizes_real_tokenizers_as_ouvert(which, llama3_tokenizer_d
                                                                            tok.chat_template)
     for text in texts:
         assert back.encode(text) == tok.encode(text), text
-    import llama_cpp  # llama-cpp-python, in requirements-dev.txt
-    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
-    assert llm.metadata["tokenizer.ggml.pre"] == {"llama3": "llama-bpe", "deepseek-v3": "deepseek-v3"}[which]
+    llm = _llama_cpp_model(path)
+    assert llm.metadata()["tokenizer.ggml.pre"] == {"llama3": "llama-bpe", "deepseek-v3": "deepseek-v3"}[which]
     for text in texts:
-        assert llm.tokenize(text.encode(), add_bos=True, special=True) == tok.encode(text), text
-    llm.close()
+        assert llm.get_vocab().tokenize(text, add_special=True, parse_special=True) == tok.encode(text), text
 
 
 def test_reads_k_quants_from_llama_cpp_quantizer(tok_dir, tmp_path):
     """Ollama's files are mostly Q4_K_M, which the gguf package cannot write: llama.cpp's own
     quantizer makes one here (rows of 256 for k-quant blocks), and load_model dequantizes it to
     within k-quant's error (~7% relative for Q4_K, ~2% for Q6_K, on Gaussian weights)."""
-    import ctypes
-
-    import llama_cpp  # llama-cpp-python, in requirements-dev.txt
     tok = load_tokenizer(tok_dir)
     hf = make_hf_model("llama", seed=6, **{**LLAMA, "hidden_size": 256, "intermediate_size": 512, "rope_scaling": None,
                                            "num_hidden_layers": 1, "bos_token_id": tok.bos_token_id})
@@ -474,10 +521,11 @@ def test_reads_k_quants_from_llama_cpp_quantizer(tok_dir, tmp_path):
     hf.save_pretrained(d)
     _with_tokenizer(d, tok_dir)
     f16 = export_gguf(d, tmp_path / "f16.gguf", "f16")
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype, params.nthread = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M, 1
+    cp = _llama_cpp()
+    params = cp.LlamaModelQuantizeParams()
+    params.ftype, params.nthread = int(gguf.LlamaFileType.MOSTLY_Q4_K_M), 1  # llama.h's numbering
     out = tmp_path / "q.gguf"
-    assert llama_cpp.llama_model_quantize(str(f16).encode(), str(out).encode(), ctypes.byref(params)) == 0
+    cp.model_quantize(str(f16), str(out), params)  # raises on failure
     from ouvert.checkpoint.gguf import GGUFFile
 
     assert {"Q4_K", "Q6_K"} <= {gguf.GGMLQuantizationType(t.qtype).name for t in GGUFFile(out).tensors.values()}
