@@ -515,6 +515,57 @@ def test_hostile_stop_strings_do_not_stall_streams(strict_url):
     assert ticker.largest_gap() < 2.0
 
 
+def test_huge_prompt_is_refused_before_tokenizing(strict_url):
+    """4 MB of text cannot fit in 4096 tokens: refused at once, without seconds of tokenizing on the
+    event loop that stalled /health and the running streams."""
+    ticker = Ticker(strict_url)
+    waits, done = [], threading.Event()
+
+    def poll():
+        with httpx.Client(timeout=60) as http:
+            while not done.is_set():
+                t = time.monotonic()
+                assert http.get(strict_url + "/health").status_code == 200
+                waits.append(time.monotonic() - t)
+                time.sleep(0.02)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    for path, body, param in [
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "word " * 800_000}]}, "messages"),
+        ("/v1/completions", {"prompt": "word " * 800_000}, "prompt"),
+    ]:
+        r = httpx.post(strict_url + path, json={"model": "tiny-chat", "max_tokens": 4, **body}, timeout=120)
+        assert r.status_code == 400
+        assert (r.json()["error"]["param"], r.json()["error"]["code"]) == (param, "context_length_exceeded")
+    time.sleep(0.2)
+    done.set()
+    poller.join()
+    assert max(waits) < 1.0 and ticker.largest_gap() < 2.0
+
+
+def test_prompts_are_tokenized_off_the_event_loop(model_dir):
+    """The chat template and the tokenizer run in worker threads, never in the event loop's."""
+    args = build_parser().parse_args(["serve", "--model", str(model_dir), "--chunk", "16", "--max-batch", "2"])
+    app, engine = build_app(args)
+    tok, threads = engine.tokenizer, []
+
+    def spy(real):
+        def called(*a, **kw):
+            threads.append(threading.current_thread())
+            return real(*a, **kw)
+        return called
+
+    for name in ("encode", "encode_batch", "apply_chat_template"):
+        setattr(tok, name, spy(getattr(tok, name)))
+    server = BackgroundServer(app)
+    with server as u:
+        c = openai.OpenAI(base_url=u + "/v1", api_key="x", max_retries=0)
+        assert chat(c, max_tokens=1).usage.completion_tokens == 1
+        assert len(c.completions.create(model="tiny-chat", prompt=["Once", "upon"], max_tokens=1).choices) == 2
+    assert len(threads) >= 3 and server.thread not in threads
+
+
 def test_dropped_request_frees_its_slot(url):
     """A non-streaming request whose client leaves is cancelled while it is generating (the server
     once looked only after half a second without output, which a busy server never has)."""

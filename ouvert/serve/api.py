@@ -37,6 +37,9 @@ from ouvert.serve.grammar import GrammarCompiler, GrammarError
 
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_STOP_CHARS = 500  # per stop string: what is held back from a stream while it may begin one
+# A prompt of more characters than this per token of context cannot fit, whatever the tokenizer:
+# refused before the tokenizer spends seconds on it.
+MAX_CHARS_PER_TOKEN = 64
 
 
 # ---- errors -----------------------------------------------------------------------------------
@@ -407,6 +410,13 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
     def seeds(body: _Sampling, n: int) -> list[int | None]:
         return [None if body.seed is None else (body.seed + i) % (SEED_MAX + 1) for i in range(n)]
 
+    def check_chars(n: int, param: str) -> None:
+        """Refuse a prompt that cannot fit in the context before tokenizing it (seconds for megabytes)."""
+        ctx = engine.context_length
+        if n > ctx * MAX_CHARS_PER_TOKEN:
+            raise APIError(400, f"This model's maximum context length is {ctx} tokens; {n} characters in the "
+                                f"{param} are more than {ctx} tokens can hold.", param, "context_length_exceeded")
+
     def usage(outs: list[list[Output]]) -> dict:
         last = [o[-1] for o in outs]
         prompt, completion = last[0].prompt_tokens, sum(o.completion_tokens for o in last)
@@ -456,6 +466,13 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
             raise APIError(400, f"cannot compile this schema for constrained decoding: {e}", param,
                            "invalid_value") from None
 
+    def chat_chars(body: ChatCompletionRequest) -> int:
+        n = 0
+        for m in body.messages:
+            n += len(m.content) if isinstance(m.content, str) else sum(len(p.text) for p in m.content or [])
+            n += sum(len(c.function.name) + len(c.function.arguments) for c in m.tool_calls or [])
+        return n
+
     def chat_prompt(body: ChatCompletionRequest) -> list[int]:
         messages = []
         for m in body.messages:
@@ -466,16 +483,18 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
         tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
         messages, native_tools = tool_fmt.prepare(messages, tools, tok.chat_template)
         try:
-            return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, tools=native_tools)
+            text = tok.apply_chat_template(messages, add_generation_prompt=True, tools=native_tools)
         except (jinja2.TemplateError, TypeError, ValueError) as e:
             raise APIError(400, f"the chat template cannot render these messages: {e}", "messages",
                            "invalid_value") from None
+        return tok.encode_batch([text], add_special_tokens=False)[0]  # as tokenize=True, but frees the GIL
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: HTTPRequest):
         check_model(body.model)
         fmt = tool_fmt.output_format(tok.chat_template)
-        prompt = chat_prompt(body)
+        check_chars(chat_chars(body), "messages")
+        prompt = await asyncio.to_thread(chat_prompt, body)  # off the event loop: other requests go on
         param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         max_tokens = budget(prompt, body.max_completion_tokens or body.max_tokens, param, "messages")
         grammar = await chat_grammar(body, fmt)
@@ -580,12 +599,12 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
         if body.best_of not in (None, 1, body.n):
             raise APIError(400, "best_of is not supported", "best_of", "unsupported_value")
         p = body.prompt
-        if isinstance(p, str):
-            prompts = [tok.encode(p)]
+        if isinstance(p, str) or (p and all(isinstance(x, str) for x in p)):
+            texts = [p] if isinstance(p, str) else p
+            check_chars(max(len(x) for x in texts), "prompt")
+            prompts = await asyncio.to_thread(tok.encode_batch, texts)  # off the event loop (and the GIL)
         elif p and all(isinstance(x, int) for x in p):
             prompts = [list(p)]
-        elif p and all(isinstance(x, str) for x in p):
-            prompts = [tok.encode(x) for x in p]
         else:
             prompts = [list(x) for x in p]
         if not prompts or any(not x for x in prompts):
