@@ -585,6 +585,19 @@ def test_dropped_request_frees_its_slot(url):
     assert m["ouvert_generation_tokens_total"] - before["ouvert_generation_tokens_total"] < 3000
 
 
+def test_a_request_larger_than_the_queue_is_a_400(strict_url):
+    """More completions (prompts x n) than the queue holds can never be served: 400, not 429 "retry
+    shortly", and the queue is left alone; up to the queue's size they are served."""
+    c = openai.OpenAI(base_url=strict_url + "/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(model="tiny-chat", prompt=["a", "b", "c"], n=2, max_tokens=1)
+    assert e.value.body["param"] == "n" and "at most 4" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError):
+        chat(c, n=5, max_tokens=1)
+    assert len(chat(c, n=4, max_tokens=1).choices) == 4
+    assert metrics(strict_url)["ouvert_requests_rejected_total"] == 0
+
+
 def test_a_partial_body_is_cut_off(strict_url):
     """A client that announces more body than it sends gets a 408 and a closed connection after the
     body timeout (1 s here), and the server serves others meanwhile."""

@@ -13,7 +13,7 @@ import torch
 
 from ouvert import ModelConfig, Transformer, load_tokenizer
 from ouvert.generate import generate
-from ouvert.serve.engine import Engine, Request, StopStrings
+from ouvert.serve.engine import Engine, QueueFull, Request, StopStrings
 from ouvert.serve.grammar import GrammarCompiler
 
 LLAMA = dict(model_type="llama", vocab_size=128256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -208,6 +208,24 @@ def test_stop_strings_cost_linear_time():
         assert st.push("ab") == ("", False)
     assert st.push("c") == ("ab" * 200 + "c", False)
     assert time.perf_counter() - t0 < 5.0
+
+
+def test_submit_many_is_all_or_nothing(llama, tok):
+    """A request's completions enter the queue together or not at all; more than the queue holds can
+    never enter (ValueError, an HTTP 400), fewer that do not fit now are QueueFull (429)."""
+    engine = Engine(llama, tok, max_batch=1, chunk=16, max_queue=3)  # not started: the queue stays as filled
+    p = tok.encode("Hi")
+    engine.submit(Request(p, 4), lambda out: None)
+    with pytest.raises(QueueFull):
+        engine.submit_many([Request(p, 4) for _ in range(3)], [lambda out: None] * 3)
+    assert engine.queue_depth == 1 and engine.metrics.rejected == 1
+    with pytest.raises(ValueError, match="at most 3"):
+        engine.submit_many([Request(p, 4) for _ in range(4)], [lambda out: None] * 4)
+    engine.submit_many([Request(p, 4) for _ in range(2)], [lambda out: None] * 2)
+    assert engine.queue_depth == 3
+    for seed in (-1, 2**63):
+        with pytest.raises(ValueError, match="seed"):
+            Engine(llama, tok, max_batch=1, chunk=16).submit(Request(p, 4, seed=seed), lambda out: None)
 
 
 @pytest.fixture(scope="module")

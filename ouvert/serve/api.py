@@ -367,19 +367,19 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
         return asked
 
     def submit_all(requests: list[Request]) -> tuple[list[Handle], asyncio.Queue]:
+        """Queue all the request's completions at once, or none of them."""
+        if len(requests) > engine.max_queue:  # it would never fit: no use retrying
+            raise APIError(400, f"This request asks for {len(requests)} completions (prompts x n); this server "
+                                f"queues at most {engine.max_queue}.", "n", "invalid_value")
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-        handles: list[Handle] = []
+        callbacks = [lambda out, i=i: loop.call_soon_threadsafe(queue.put_nowait, (i, out))
+                     for i in range(len(requests))]
         try:
-            for i, r in enumerate(requests):
-                handles.append(engine.submit(r, lambda out, i=i: loop.call_soon_threadsafe(queue.put_nowait, (i, out))))
+            handles = engine.submit_many(requests, callbacks)
         except QueueFull as e:
-            for h in handles:
-                h.cancel()
             raise APIError(429, f"The server is busy ({e}); retry shortly.", None, "queue_full",
                            type="rate_limit_error", headers={"Retry-After": "1"}) from None
         except ValueError as e:
-            for h in handles:
-                h.cancel()
             raise APIError(400, str(e), None, "invalid_value") from None
         return handles, queue
 

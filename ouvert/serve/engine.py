@@ -315,6 +315,26 @@ class Engine:
 
     def submit(self, req: Request, on_output: Callable[[Output], None]) -> Handle:
         """Queue a request; on_output is called from the engine thread with each Output."""
+        return self.submit_many([req], [on_output])[0]
+
+    def submit_many(self, reqs: list[Request], on_outputs: list[Callable[[Output], None]]) -> list[Handle]:
+        """Queue requests all at once or none: QueueFull when the queue has no room for all of them now,
+        ValueError when it never could (more of them than max_queue) or a request is invalid."""
+        if len(reqs) > self.max_queue:
+            raise ValueError(f"{len(reqs)} completions in one request; the server queues at most {self.max_queue}")
+        for req in reqs:
+            self._check(req)
+        handles = [Handle(f) for f in on_outputs]
+        seqs = [_Seq(r, h, self) for r, h in zip(reqs, handles)]
+        with self._cond:
+            if len(self.waiting) + len(seqs) > self.max_queue:
+                self.metrics.rejected += 1
+                raise QueueFull(f"{len(self.waiting)} requests are waiting (max_queue {self.max_queue})")
+            self.waiting.extend(seqs)
+            self._cond.notify()
+        return handles
+
+    def _check(self, req: Request) -> None:
         if not req.prompt:
             raise ValueError("the prompt is empty")
         if len(req.prompt) + req.max_tokens > self.context_length:
@@ -328,15 +348,6 @@ class Engine:
             raise ValueError(f"prompt token ids must be in [0, {self.vocab_size}) (the model's vocabulary)")
         if req.seed is not None and not 0 <= req.seed <= SEED_MAX:
             raise ValueError(f"seed must be in [0, {SEED_MAX}], got {req.seed}")
-        handle = Handle(on_output)
-        seq = _Seq(req, handle, self)
-        with self._cond:
-            if len(self.waiting) >= self.max_queue:
-                self.metrics.rejected += 1
-                raise QueueFull(f"{len(self.waiting)} requests are waiting (max_queue {self.max_queue})")
-            self.waiting.append(seq)
-            self._cond.notify()
-        return handle
 
     def start(self) -> None:
         self._stop = False
