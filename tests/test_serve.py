@@ -598,6 +598,12 @@ def test_a_request_larger_than_the_queue_is_a_400(strict_url):
     assert metrics(strict_url)["ouvert_requests_rejected_total"] == 0
 
 
+def test_tiny_temperature_is_greedy(client):
+    """temperature 1e-39 overflowed the logits to inf (a 500); below 1e-5 it is greedy."""
+    greedy = chat(client, max_tokens=6, temperature=0).choices[0].message.content
+    assert chat(client, max_tokens=6, temperature=1e-39).choices[0].message.content == greedy
+
+
 def test_a_partial_body_is_cut_off(strict_url):
     """A client that announces more body than it sends gets a 408 and a closed connection after the
     body timeout (1 s here), and the server serves others meanwhile."""

@@ -13,6 +13,7 @@ import torch
 
 from ouvert import ModelConfig, Transformer, load_tokenizer
 from ouvert.generate import generate
+from ouvert.generate.sampling import MIN_TEMPERATURE, SamplingParams, sample
 from ouvert.serve.engine import Engine, QueueFull, Request, StopStrings
 from ouvert.serve.grammar import GrammarCompiler
 
@@ -226,6 +227,21 @@ def test_submit_many_is_all_or_nothing(llama, tok):
     for seed in (-1, 2**63):
         with pytest.raises(ValueError, match="seed"):
             Engine(llama, tok, max_batch=1, chunk=16).submit(Request(p, 4, seed=seed), lambda out: None)
+
+
+def test_tiny_temperatures_are_greedy():
+    """Below MIN_TEMPERATURE sampling is argmax and draws nothing from the generator (dividing by 1e-39
+    made inf logits and NaN probabilities); from MIN_TEMPERATURE on it samples."""
+    logits = torch.tensor([[1.0, 3.0, 2.5, -1.0]])
+    for t in (1e-39, MIN_TEMPERATURE * 0.99):
+        g = torch.Generator().manual_seed(0)
+        state = g.get_state()
+        assert sample(logits, SamplingParams(temperature=t), [g]).tolist() == [1]
+        assert torch.equal(g.get_state(), state)
+    g = torch.Generator().manual_seed(0)
+    state = g.get_state()
+    assert sample(logits, SamplingParams(temperature=MIN_TEMPERATURE), [g]).tolist() == [1]  # 0.5 / 1e-5 apart
+    assert not torch.equal(g.get_state(), state)
 
 
 @pytest.fixture(scope="module")
