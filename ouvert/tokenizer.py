@@ -8,6 +8,7 @@ emits half of a multi-byte character while streaming.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,23 @@ _FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", 
 
 class TokenizerError(ValueError):
     """A tokenizer directory that cannot be read; names the file."""
+
+
+def _gpt2_bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: each byte as a printable character (byte-level BPE vocabularies
+    write their tokens in it)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+_UNICODE_TO_BYTE = {c: b for b, c in _gpt2_bytes_to_unicode().items()}
 
 
 def _token_str(v: Any) -> str | None:
@@ -51,6 +69,8 @@ class Tokenizer:
         self.bos_token_id = self.token_to_id(self.special_tokens.get("bos_token"))
         self.eos_token_id = self.token_to_id(self.special_tokens.get("eos_token"))
         self.pad_token_id = self.token_to_id(self.special_tokens.get("pad_token"))
+        self._added = {i: t.content for i, t in tok.get_added_tokens_decoder().items()}  # for token_bytes
+        self._byte_level = type(tok.decoder).__name__ == "ByteLevel"
 
     @property
     def vocab_size(self) -> int:
@@ -78,6 +98,21 @@ class Tokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for, also where they are part of a UTF-8 character (which
+        decode([token_id]) shows as U+FFFD): byte-level BPE pieces map back through GPT-2's byte
+        table, SentencePiece byte-fallback pieces <0xHH> are their byte, added tokens their text."""
+        if token_id in self._added:
+            return self._added[token_id].encode()
+        piece = self.tok.id_to_token(token_id)
+        if piece is None:
+            return b""
+        if self._byte_level and all(c in _UNICODE_TO_BYTE for c in piece):
+            return bytes(_UNICODE_TO_BYTE[c] for c in piece)
+        if m := re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece):
+            return bytes([int(m[1], 16)])
+        return piece.replace("\u2581", " ").encode()  # SentencePiece writes spaces as U+2581
 
     def stream(self, skip_special_tokens: bool = False) -> StreamDecoder:
         return StreamDecoder(self, skip_special_tokens)

@@ -604,6 +604,17 @@ def test_tiny_temperature_is_greedy(client):
     assert chat(client, max_tokens=6, temperature=1e-39).choices[0].message.content == greedy
 
 
+def test_logprob_bytes_are_the_tokens_own(client, llama3_tokenizer_dir):
+    """A token that holds part of a UTF-8 character reports its own bytes, not those of U+FFFD."""
+    tok = load_tokenizer(llama3_tokenizer_dir)
+    half = tok.token_to_id("ðŁ")  # bytes F0 9F: the first half of an emoji, in GPT-2's byte alphabet
+    assert tok.decode([half]) == "\ufffd" and tok.token_bytes(half) == b"\xf0\x9f"
+    text = "Bonjour, ça va ? 🙂🦜 <|eot_id|>"
+    assert b"".join(tok.token_bytes(t) for t in tok.encode(text, add_special_tokens=False)) == text.encode()
+    r = chat(client, max_tokens=1, temperature=0, logprobs=True, top_logprobs=2, logit_bias={str(half): 100})
+    assert r.choices[0].logprobs.content[0].bytes == [0xF0, 0x9F]
+
+
 def test_a_partial_body_is_cut_off(strict_url):
     """A client that announces more body than it sends gets a 408 and a closed connection after the
     body timeout (1 s here), and the server serves others meanwhile."""

@@ -20,6 +20,7 @@ import hmac
 import json
 import secrets
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -525,8 +526,8 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
             for i, o in enumerate(outs):
                 msg, finish = message("".join(x.text for x in o), o[-1].finish_reason)
                 lps = [e for x in o for e in (x.logprobs or [])]
-                choices.append({"index": i, "message": msg, "finish_reason": finish,
-                                "logprobs": {"content": [chat_logprob(e) for e in lps]} if body.logprobs else None})
+                logprobs = {"content": [chat_logprob(e, tok.token_bytes) for e in lps]} if body.logprobs else None
+                choices.append({"index": i, "message": msg, "finish_reason": finish, "logprobs": logprobs})
             return {"id": rid, "object": "chat.completion", "created": created_at, "model": model_name,
                     "system_fingerprint": "ouvert", "choices": choices, "usage": usage(outs)}
 
@@ -547,7 +548,9 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
                     yield chunk(i, {"role": "assistant", "content": ""})
                 while any(f is None for f in finals):
                     i, out = await queue.get()
-                    lps = {"content": [chat_logprob(e) for e in out.logprobs]} if out.logprobs else None
+                    lps = None
+                    if out.logprobs:
+                        lps = {"content": [chat_logprob(e, tok.token_bytes) for e in out.logprobs]}
                     if mode[i] != "text":
                         held[i] += out.text
                         new = out.text
@@ -682,9 +685,11 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
 # ---- response pieces --------------------------------------------------------------------------
 
 
-def chat_logprob(e) -> dict:
-    return {"token": e.token, "logprob": e.logprob, "bytes": list(e.token.encode()),
-            "top_logprobs": [{"token": t, "logprob": p, "bytes": list(t.encode())} for _, t, p in e.top]}
+def chat_logprob(e, token_bytes: Callable[[int], bytes]) -> dict:
+    """A token's bytes are its own: part of a UTF-8 character where the token holds only part of one
+    (its text then shows U+FFFD)."""
+    return {"token": e.token, "logprob": e.logprob, "bytes": list(token_bytes(e.token_id)),
+            "top_logprobs": [{"token": t, "logprob": p, "bytes": list(token_bytes(i))} for i, t, p in e.top]}
 
 
 def completion_logprobs(entries, offset: int) -> dict:
