@@ -220,3 +220,15 @@ def test_failed_checkpoint_write_keeps_the_previous_one(corpus_data, tmp_path, m
         train(_cfg(corpus_data, out, max_steps=4, save_every=2), resume=True)
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(("step", ".step"))) == ["step-000002"]
     assert {p.name: p.read_bytes() for p in (out / "step-000002").rglob("*") if p.is_file()} == before
+
+
+def test_model_overrides_derive_the_head_width_again(tmp_path):
+    """[model] overrides of the width or head count give head_dim = hidden_size / heads, not the
+    preset's head_dim (the demo once trained with attention half as wide as its hidden size)."""
+    from ouvert.train.loop import build_model
+
+    c = _cfg(tmp_path, tmp_path / "run", model={"hidden_size": 256, "num_attention_heads": 8,
+                                                "num_key_value_heads": 4, "num_hidden_layers": 1})
+    m = build_model(c, 512, None, [0])
+    assert m.config.head_dim == 32
+    assert m.layers[0].self_attn.q_proj.weight.shape == (256, 256)

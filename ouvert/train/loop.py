@@ -243,7 +243,7 @@ def build_model(c: TrainConfig, vocab_size: int, bos: int | None, eos: list[int]
     overrides.setdefault("vocab_size", vocab_size)
     overrides.setdefault("bos_token_id", bos)
     overrides.setdefault("eos_token_id", eos[0] if len(eos) == 1 else eos)
-    cfg = dataclasses.replace(cfg, **overrides)
+    cfg = cfg.replace(**overrides)  # derives head_dim again for an overridden width or head count
     if cfg.vocab_size < vocab_size:
         raise ValueError(f"model vocab_size {cfg.vocab_size} < tokenizer's {vocab_size}")
     model = Transformer(cfg)
