@@ -2,7 +2,8 @@
 #            registries, train a BPE tokenizer, tokenize the corpus, train a small Llama from
 #            scratch (about 10 minutes on 2 cores), generate from it, evaluate it on the held-out
 #            text, write its model card (MODEL_CARD.md, loss.png) and verify its weight hashes.
-# make test: ruff, then pytest. Both create .venv and install into it when needed.
+# make test: ruff, then pytest. Both create .venv and install into it when needed, building ouvert's
+#            C++ kernels (ouvert/kernels, about 2 minutes) with g++ when it is there.
 VENV   := .venv
 PY     := $(VENV)/bin/python
 OUVERT := $(VENV)/bin/ouvert
@@ -12,7 +13,10 @@ CORPUS := .cache/corpus/shakespeare/*.txt
 
 .PHONY: demo test lint assets bench clean
 
-$(STAMP): requirements-torch.txt requirements.txt requirements-dev.txt pyproject.toml
+KERNELS := setup.py $(wildcard ouvert/kernels/csrc/*)
+
+$(STAMP): requirements-torch.txt requirements.txt requirements-dev.txt pyproject.toml $(KERNELS)
+	@command -v g++ >/dev/null || echo "g++ not found (apt-get install g++): ouvert installs without its C++ kernels, slower"
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements-torch.txt
 	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt

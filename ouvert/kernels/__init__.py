@@ -1,0 +1,96 @@
+"""ouvert's CPU kernels: matrix products over weights stored in GGUF's block formats (and float32,
+float16, bfloat16), without turning the weights into floats in memory.
+
+Rooms:
+  csrc/blocks.h        each block format drawn byte by byte, with the plain loop that decodes it
+  csrc/impl.h          the product, written once, included per instruction set
+  csrc/kernels_*.cpp   scalar (any CPU), AVX2 + FMA + F16C, AVX-512; chosen at load (csrc/ops.cpp)
+  formats.py           the PyTorch twin: the same decoding in tensor ops, the reference in tests
+
+The C++ extension (ouvert._kernels, built by `pip install -e .` when g++ is there) registers the ops
+`ouvert::block_matmul(x, w, qtype)` and `ouvert::block_rows(w, qtype, rows)`, threaded through
+torch's pool. Without it, the same functions below run the twin (dequantize, then F.linear), and
+ouvert says so once. Rows are independent by construction: an output row's numbers do not depend on
+the other rows of x, so a batch gives each request what it would get alone.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ouvert.kernels.formats import BY_ID, TYPES, BlockType, block_type, dequantize, row_values
+
+__all__ = ["BY_ID", "TYPES", "BlockType", "block_type", "dequantize", "row_values", "block_matmul", "block_rows",
+           "twin_matmul", "available", "isa", "set_isa", "use_twin"]
+
+
+def _load():
+    try:
+        from ouvert import _kernels
+    except ImportError as e:
+        warnings.warn(f"ouvert's C++ kernels are not built ({e}); running the plain PyTorch path, which is "
+                      "slower. Install g++ and run `pip install --no-build-isolation -e .` again.", stacklevel=3)
+        return None
+
+    @torch.library.register_fake("ouvert::block_matmul")
+    def _(x: Tensor, w: Tensor, qtype: int) -> Tensor:
+        return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+    @torch.library.register_fake("ouvert::block_rows")
+    def _(w: Tensor, qtype: int, rows: Tensor) -> Tensor:
+        return w.new_empty((*rows.shape, row_values(w, qtype)), dtype=torch.float32)
+
+    return _kernels
+
+
+_EXT = _load()  # the extension module, or None (said once, here)
+_twin_only = False
+
+
+def use_twin(on: bool = True) -> None:
+    """Run the PyTorch twin even where the kernels are built (tests, benchmarks)."""
+    global _twin_only
+    _twin_only = on
+
+
+def available() -> list[str]:
+    """The instruction sets the kernels can run on this CPU, best first ([] without the extension)."""
+    ext = _EXT
+    return ext.available() if ext else []
+
+
+def isa() -> str:
+    """The instruction set the kernels run on now: avx512, avx2, scalar, or twin (no extension)."""
+    ext = _EXT
+    return ext.isa() if ext and not _twin_only else "twin"
+
+
+def set_isa(name: str) -> None:
+    """Force an instruction set this CPU has (OUVERT_ISA=name does the same at start)."""
+    ext = _EXT
+    if ext is None:
+        raise RuntimeError("ouvert's C++ kernels are not built")
+    ext.set_isa(name)
+
+
+def twin_matmul(x: Tensor, w: Tensor, qtype: int) -> Tensor:
+    """The reference: dequantize W, then torch's matmul in float32; the result in x's dtype."""
+    return F.linear(x.float(), dequantize(w, qtype)).to(x.dtype)
+
+
+def block_matmul(x: Tensor, w: Tensor, qtype: int) -> Tensor:
+    """y = x W^T with W as rows of blocks: x (..., K) float32 / bfloat16, w (N, bytes) uint8."""
+    if _twin_only or x.device.type != "cpu" or _EXT is None:
+        return twin_matmul(x, w, qtype)
+    return torch.ops.ouvert.block_matmul(x, w, qtype)
+
+
+def block_rows(w: Tensor, qtype: int, rows: Tensor) -> Tensor:
+    """Rows `rows` of W as float32, shape (*rows.shape, K): an embedding lookup from blocks."""
+    if _twin_only or w.device.type != "cpu" or _EXT is None:
+        return dequantize(w[rows.reshape(-1)], qtype).reshape(*rows.shape, -1)
+    return torch.ops.ouvert.block_rows(w, qtype, rows)

@@ -1,0 +1,20 @@
+// ouvert's CPU kernels: one implementation per instruction set, chosen at load (ops.cpp).
+#pragma once
+#include <cstdint>
+
+namespace ouvert_kernels {
+
+// GGML's type numbers, as GGUF files store them.
+enum QType : int { F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14, BF16 = 30 };
+
+#define OUVERT_ISA_DECLS                                                                                     \
+  void matmul(int qtype, const float* x, int64_t M, int64_t ldx, int64_t K, const uint8_t* w,              \
+              int64_t row_bytes, int64_t n0, int64_t n1, float* y, int64_t ldy, float* scratch);           \
+  void dequantize(int qtype, const uint8_t* w, int64_t row_bytes, int64_t K, const int64_t* rows,          \
+                  int64_t n, float* out);
+
+namespace scalar { OUVERT_ISA_DECLS }
+namespace avx2 { OUVERT_ISA_DECLS }
+namespace avx512 { OUVERT_ISA_DECLS }
+
+}  // namespace ouvert_kernels

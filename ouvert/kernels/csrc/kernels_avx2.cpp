@@ -1,0 +1,50 @@
+// AVX2 + FMA + F16C: 8 float lanes. Only this file is compiled for these instructions; nothing
+// here runs unless the CPU reports them (ops.cpp).
+#include <cstdint>
+#include <cstring>
+
+#pragma GCC target("avx2,fma,f16c")
+#include <immintrin.h>
+
+#include "kernels.h"
+
+namespace ouvert_kernels::avx2 {
+
+using vec = __m256;
+constexpr int W = 8;
+static inline vec vzero() { return _mm256_setzero_ps(); }
+static inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
+static inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+static inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
+static inline float vsum(vec v) {  // a fixed tree: (0+4, 1+5, 2+6, 3+7), then pairs
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+static inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
+
+static inline void nibbles16(const uint8_t* qs, uint8_t* lo, uint8_t* hi, int bias) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+  const __m128i mask = _mm_set1_epi8(0x0F), off = _mm_set1_epi8(char(bias));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(lo), _mm_sub_epi8(_mm_and_si128(b, mask), off));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(hi), _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(b, 4), mask), off));
+}
+static inline void affine16(const uint8_t* q, float d, float m, float* y) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+  const __m256 vd = _mm256_set1_ps(d), vm = _mm256_set1_ps(m);
+  const __m256 a = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
+  const __m256 c = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)));
+  _mm256_storeu_ps(y, _mm256_add_ps(_mm256_mul_ps(vd, a), vm));
+  _mm256_storeu_ps(y + 8, _mm256_add_ps(_mm256_mul_ps(vd, c), vm));
+}
+static inline void scale16(const int8_t* q, float d, float* y) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+  const __m256 vd = _mm256_set1_ps(d);
+  _mm256_storeu_ps(y, _mm256_mul_ps(vd, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b))));
+  _mm256_storeu_ps(y + 8, _mm256_mul_ps(vd, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)))));
+}
+
+#include "impl.h"
+
+}  // namespace ouvert_kernels::avx2

@@ -1,0 +1,55 @@
+// The portable path: plain C++ for any CPU (the baseline x86-64 the compiler targets).
+#include <cstdint>
+#include <cstring>
+
+#include "kernels.h"
+
+namespace ouvert_kernels::scalar {
+
+using vec = float;
+constexpr int W = 1;
+static inline vec vzero() { return 0.0f; }
+static inline vec vload(const float* p) { return *p; }
+static inline vec vfma(vec a, vec b, vec c) { return a * b + c; }  // -ffp-contract=off: two roundings
+static inline vec vadd(vec a, vec b) { return a + b; }
+static inline float vsum(vec v) { return v; }
+
+// IEEE half to float, exactly (normals, subnormals, infinities, NaN).
+static inline float half_to_float(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000) << 16;
+  uint32_t exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
+  if (exp == 0x1F) {
+    bits = sign | 0x7F800000 | (man << 13);
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112) << 23) | (man << 13);
+  } else if (man == 0) {
+    bits = sign;
+  } else {  // subnormal: normalize
+    exp = 113;
+    while (!(man & 0x400)) {
+      man <<= 1;
+      exp--;
+    }
+    bits = sign | (exp << 23) | ((man & 0x3FF) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+static inline void nibbles16(const uint8_t* qs, uint8_t* lo, uint8_t* hi, int bias) {
+  for (int i = 0; i < 16; i++) {
+    lo[i] = uint8_t((qs[i] & 0x0F) - bias);
+    hi[i] = uint8_t((qs[i] >> 4) - bias);
+  }
+}
+static inline void affine16(const uint8_t* q, float d, float m, float* y) {
+  for (int i = 0; i < 16; i++) y[i] = d * float(q[i]) + m;
+}
+static inline void scale16(const int8_t* q, float d, float* y) {
+  for (int i = 0; i < 16; i++) y[i] = d * float(q[i]);
+}
+
+#include "impl.h"
+
+}  // namespace ouvert_kernels::scalar

@@ -1,0 +1,157 @@
+// The torch side of ouvert's kernels: the ops ouvert::block_matmul and ouvert::block_rows, the
+// choice of instruction set at load, and threads from torch's own pool (at::parallel_for), so
+// torch.set_num_threads holds. Fake (meta) implementations live in ouvert/kernels/__init__.py.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "kernels.h"
+
+namespace ouvert_kernels {
+
+struct Isa {
+  std::string name;
+  decltype(&scalar::matmul) matmul;
+  decltype(&scalar::dequantize) dequantize;
+};
+
+static const Isa kScalar{"scalar", scalar::matmul, scalar::dequantize};
+static const Isa kAvx2{"avx2", avx2::matmul, avx2::dequantize};
+static const Isa kAvx512{"avx512", avx512::matmul, avx512::dequantize};
+
+static bool cpu_has(const std::string& isa) {
+  __builtin_cpu_init();
+  if (isa == "scalar") return true;
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  if (isa == "avx2") return avx2;
+  if (isa == "avx512")
+    return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl");
+  return false;
+}
+
+static const Isa* by_name(const std::string& name) {
+  if (name == "scalar") return &kScalar;
+  if (name == "avx2") return &kAvx2;
+  if (name == "avx512") return &kAvx512;
+  return nullptr;
+}
+
+// The best the CPU has, unless OUVERT_ISA names another (which the CPU must have).
+static const Isa* best() {
+  if (const char* forced = std::getenv("OUVERT_ISA")) {
+    const Isa* isa = by_name(forced);
+    TORCH_CHECK(isa && cpu_has(forced), "OUVERT_ISA=", forced, ": not an instruction set this CPU has ",
+                "(scalar, avx2, avx512)");
+    return isa;
+  }
+  for (const char* name : {"avx512", "avx2"})
+    if (cpu_has(name)) return by_name(name);
+  return &kScalar;
+}
+
+static const Isa* g_isa = best();
+
+std::string isa() { return g_isa->name; }
+
+std::vector<std::string> available() {
+  std::vector<std::string> out;
+  for (const char* name : {"avx512", "avx2", "scalar"})
+    if (cpu_has(name)) out.push_back(name);
+  return out;
+}
+
+void set_isa(const std::string& name) {
+  const Isa* isa = by_name(name);
+  TORCH_CHECK(isa && cpu_has(name), name, ": not an instruction set this CPU has");
+  g_isa = isa;
+}
+
+// Values per block and bytes per block of each type.
+static std::pair<int64_t, int64_t> block_size(int64_t qtype) {
+  switch (qtype) {
+    case F32: return {1, 4};
+    case F16: case BF16: return {1, 2};
+    case Q8_0: return {32, 34};
+    case Q4_0: return {32, 18};
+    case Q4_1: return {32, 20};
+    case Q4_K: return {256, 144};
+    case Q5_K: return {256, 176};
+    case Q6_K: return {256, 210};
+  }
+  TORCH_CHECK(false, "ggml type ", qtype, " has no kernel");
+}
+
+static int64_t row_values(const at::Tensor& w, int64_t qtype) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous() && w.device().is_cpu(),
+              "weight blocks: a contiguous 2-d uint8 CPU tensor, one row of blocks per output row");
+  auto [values, bytes] = block_size(qtype);
+  TORCH_CHECK(w.size(1) % bytes == 0, "weight rows of ", w.size(1), " bytes do not hold whole blocks of type ",
+              qtype);
+  return w.size(1) / bytes * values;
+}
+
+// y = x W^T: x (..., K) float32 or bfloat16, W (N, row bytes) in type qtype; y in x's dtype.
+at::Tensor block_matmul(const at::Tensor& x, const at::Tensor& w, int64_t qtype) {
+  const int64_t K = row_values(w, qtype), N = w.size(0);
+  TORCH_CHECK(x.size(-1) == K, "input has ", x.size(-1), " features, the weight ", K);
+  TORCH_CHECK(x.device().is_cpu(), "block_matmul runs on the CPU");
+  const at::Tensor xf = x.reshape({-1, K}).to(at::kFloat).contiguous();
+  const int64_t M = xf.size(0);
+  at::Tensor y = at::empty({M, N}, xf.options());
+  const float* xp = xf.data_ptr<float>();
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  const int64_t row_bytes = w.size(1);
+  const Isa* isa = g_isa;
+  // Enough output rows per task to amortize the task; each output row is computed whole by one thread.
+  const int64_t grain = std::max<int64_t>(1, std::min<int64_t>(64, N / (4 * at::get_num_threads())));
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    std::vector<float> scratch(K);
+    isa->matmul(int(qtype), xp, M, K, K, wp, row_bytes, n0, n1, yp, N, scratch.data());
+  });
+  auto shape = x.sizes().vec();
+  shape.back() = N;
+  return y.view(shape).to(x.scalar_type());
+}
+
+// Rows `rows` of W as float32, (len(rows), K): an embedding lookup from blocks.
+at::Tensor block_rows(const at::Tensor& w, int64_t qtype, const at::Tensor& rows) {
+  const int64_t K = row_values(w, qtype), N = w.size(0);
+  const at::Tensor r = rows.reshape({-1}).to(at::kLong).contiguous();
+  const int64_t n = r.size(0);
+  const int64_t* rp = r.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; i++) TORCH_CHECK(rp[i] >= 0 && rp[i] < N, "row ", rp[i], " out of range 0..", N - 1);
+  at::Tensor out = at::empty({n, K}, w.options().dtype(at::kFloat));
+  float* op = out.data_ptr<float>();
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const Isa* isa = g_isa;
+  at::parallel_for(0, n, 16, [&](int64_t i0, int64_t i1) {
+    isa->dequantize(int(qtype), wp, w.size(1), K, rp + i0, i1 - i0, op + i0 * K);
+  });
+  auto shape = rows.sizes().vec();
+  shape.push_back(K);
+  return out.view(shape);
+}
+
+}  // namespace ouvert_kernels
+
+TORCH_LIBRARY_FRAGMENT(ouvert, m) {
+  m.def("block_matmul(Tensor x, Tensor w, int qtype) -> Tensor");
+  m.def("block_rows(Tensor w, int qtype, Tensor rows) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(ouvert, CPU, m) {
+  m.impl("block_matmul", &ouvert_kernels::block_matmul);
+  m.impl("block_rows", &ouvert_kernels::block_rows);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("isa", &ouvert_kernels::isa, "the instruction set the kernels run on now");
+  m.def("available", &ouvert_kernels::available, "the instruction sets this CPU can run, best first");
+  m.def("set_isa", &ouvert_kernels::set_isa, "run the kernels on another instruction set this CPU has");
+}

@@ -1,0 +1,222 @@
+"""ouvert's CPU kernels against their PyTorch twin (ouvert/kernels/formats.py), and the twin
+against the gguf package's own decoding: every block format, odd shapes, 1 to 64 rows, 1 and 2
+threads, every instruction set this CPU has (so the AVX2 path is tested on an AVX-512 machine)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ouvert import kernels
+from ouvert.kernels.formats import TYPES
+
+BLOCK_TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"]
+# where each format keeps its float16 scales (byte offsets in a block)
+HALF_FIELDS = {"Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
+ISAS = kernels.available()
+needs_ext = pytest.mark.skipif(not ISAS, reason="ouvert's C++ kernels are not built")
+
+
+def random_blocks(qtype: str, n: int, k: int, seed: int = 0) -> torch.Tensor:
+    """n rows of k values in `qtype`: random bytes (every bit pattern of the packed values is a valid
+    block) with the float16 scales set to small finite values."""
+    t = TYPES[qtype]
+    g = np.random.default_rng(seed)
+    raw = g.integers(0, 256, size=(n, k // t.values, t.bytes), dtype=np.uint8)
+    if qtype in HALF_FIELDS:
+        for off in HALF_FIELDS[qtype]:
+            raw[..., off:off + 2] = g.uniform(-0.05, 0.05, size=raw.shape[:2]).astype("<f2")[..., None].view(np.uint8)
+    else:  # plain floats
+        dt = {"F32": "<f4", "F16": "<f2", "BF16": "<f4"}[qtype]
+        v = g.standard_normal((n, k)).astype(dt)
+        if qtype == "BF16":
+            v = (v.view(np.uint32) >> 16).astype("<u2")
+        raw = v.view(np.uint8).reshape(n, k // t.values, t.bytes)
+    return torch.from_numpy(raw.reshape(n, -1).copy())
+
+
+@pytest.mark.parametrize("qtype", BLOCK_TYPES)
+def test_twin_decodes_as_the_gguf_package(qtype):
+    """The twin against an independent reference: gguf-py's numpy dequantization."""
+    gguf = pytest.importorskip("gguf")
+    w = random_blocks(qtype, 5, 512)
+    ours = kernels.dequantize(w, qtype)
+    ref = gguf.quants.dequantize(w.numpy(), gguf.GGMLQuantizationType[qtype])
+    torch.testing.assert_close(ours, torch.from_numpy(ref).float(), rtol=1e-6, atol=1e-7)
+
+
+def _shapes(qtype: str) -> list[tuple[int, int]]:
+    """(N, K): N = 1, 3, 17; K not a multiple of 256 where the format allows it."""
+    ks = [256, 512] if qtype.endswith("_K") else [96, 576]
+    if TYPES[qtype].values == 1:
+        ks = [5, 576]
+    return [(n, k) for n in (1, 3, 17) for k in ks]
+
+
+def _bound(x: torch.Tensor, wf: torch.Tensor) -> torch.Tensor:
+    """How far two float32 sums of the same products may fairly differ: K * 2^-23 times the sum of
+    the products' magnitudes (a loose form of the standard error bound of a summation)."""
+    return x.shape[-1] * 2.0**-23 * (x.abs().double() @ wf.abs().double().T).float() + 1e-30
+
+
+@needs_ext
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("qtype", BLOCK_TYPES + ["F32", "F16", "BF16"])
+def test_kernel_matches_its_twin(qtype, isa):
+    kernels.set_isa(isa)
+    try:
+        for n, k in _shapes(qtype):
+            w = random_blocks(qtype, n, k, seed=n * k)
+            wf = kernels.dequantize(w, qtype)
+            for m in (1, 2, 7, 64):
+                x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+                y = kernels.block_matmul(x, w, TYPES[qtype].id)
+                ref = kernels.twin_matmul(x, w, TYPES[qtype].id)
+                assert y.shape == (m, n)
+                err = (y - ref).abs()
+                assert (err <= _bound(x, wf)).all(), (qtype, isa, n, k, m, err.max().item())
+    finally:
+        kernels.set_isa(ISAS[0])
+
+
+@needs_ext
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("qtype", ["Q4_1", "Q6_K", "BF16"])
+def test_rows_are_independent_of_the_batch_and_threads(qtype, isa):
+    """Row invariance by construction: a row alone, among 63 others, or with 1 or 2 threads gives
+    bitwise the same numbers."""
+    kernels.set_isa(isa)
+    threads = torch.get_num_threads()
+    try:
+        w = random_blocks(qtype, 67, 512)
+        x = torch.randn(64, 512)
+        torch.set_num_threads(2)
+        batch = kernels.block_matmul(x, w, TYPES[qtype].id)
+        torch.set_num_threads(1)
+        for i in (0, 5, 63):
+            alone = kernels.block_matmul(x[i : i + 1], w, TYPES[qtype].id)
+            assert torch.equal(alone[0], batch[i])
+        other = x.clone()
+        other[1:] = torch.randn(63, 512)
+        assert torch.equal(kernels.block_matmul(other, w, TYPES[qtype].id)[0], batch[0])
+    finally:
+        torch.set_num_threads(threads)
+        kernels.set_isa(ISAS[0])
+
+
+@needs_ext
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("qtype", BLOCK_TYPES + ["F16", "BF16"])
+def test_block_rows_decode_exactly_as_the_twin(qtype, isa):
+    """Decoding does the twin's arithmetic in the twin's order (no fused multiply-adds), so the
+    embedding rows are bitwise the twin's."""
+    kernels.set_isa(isa)
+    try:
+        k = 512
+        w = random_blocks(qtype, 9, k)
+        rows = torch.tensor([[3, 0], [8, 3]])
+        got = kernels.block_rows(w, TYPES[qtype].id, rows)
+        assert got.shape == (2, 2, k)
+        assert torch.equal(got, kernels.dequantize(w, qtype)[rows])
+    finally:
+        kernels.set_isa(ISAS[0])
+
+
+@needs_ext
+def test_bfloat16_inputs_and_leading_dims():
+    w = random_blocks("Q4_K", 6, 256)
+    x = torch.randn(2, 3, 256).bfloat16()
+    y = kernels.block_matmul(x, w, TYPES["Q4_K"].id)
+    assert y.shape == (2, 3, 6) and y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, kernels.twin_matmul(x, w, TYPES["Q4_K"].id), rtol=1e-2, atol=1e-2)
+
+
+@needs_ext
+def test_bad_shapes_and_types_are_clear_errors():
+    w = random_blocks("Q4_0", 4, 64)
+    with pytest.raises(RuntimeError, match="input has 32 features, the weight 64"):
+        kernels.block_matmul(torch.randn(1, 32), w, TYPES["Q4_0"].id)
+    with pytest.raises(RuntimeError, match="ggml type 6 has no kernel"):
+        kernels.block_matmul(torch.randn(1, 64), w, 6)
+    with pytest.raises(ValueError, match="GGML type 6 has no kernel"):
+        kernels.dequantize(w, 6)
+    with pytest.raises(RuntimeError, match="do not hold whole blocks"):
+        kernels.block_matmul(torch.randn(1, 64), w[:, :-1].contiguous(), TYPES["Q4_0"].id)
+    with pytest.raises(RuntimeError, match="row 9 out of range"):
+        kernels.block_rows(w, TYPES["Q4_0"].id, torch.tensor([9]))
+
+
+@needs_ext
+def test_compiled_graph_keeps_the_kernel_as_one_op():
+    w = random_blocks("Q8_0", 8, 64)
+
+    def f(x):
+        return kernels.block_matmul(x, w, TYPES["Q8_0"].id).relu()
+
+    x = torch.randn(3, 64)
+    explain = torch._dynamo.explain(f)(x)
+    assert explain.graph_break_count == 0
+    assert torch.equal(torch.compile(f, fullgraph=True)(x), f(x))
+
+
+# ---- the real model: SmolLM2-135M-Instruct as a Q4_1 GGUF (scripts/fetch_assets.sh) -------------
+SMOLLM2 = Path(__file__).resolve().parent.parent / ".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+needs_smollm2 = pytest.mark.skipif(not SMOLLM2.is_file(), reason="run `make assets` (scripts/fetch_assets.sh)")
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    import ouvert
+
+    stored = ouvert.load_model(SMOLLM2)
+    reference = ouvert.load_model(SMOLLM2, dtype=torch.float32)
+    text = sorted((SMOLLM2.parent.parent / "corpus/shakespeare").glob("*.txt"))[0].read_text()[20_000:23_000]
+    ids = ouvert.load_tokenizer(SMOLLM2).encode(text)[:401]
+    return stored, reference, torch.tensor([ids])
+
+
+@needs_ext
+@needs_smollm2
+def test_real_gguf_runs_as_stored(smollm2):
+    """The file's Q4_1 and Q8_0 blocks stay blocks (no float copy of the weights), and teacher-forced
+    over 400 positions of text the predictions agree with the dequantized float32 model's: the
+    kernels differ from it only in the order of float32 sums."""
+    stored, reference, ids = smollm2
+    assert type(stored.layers[0].mlp.down_proj).__name__ == "BlockLinear"
+    assert type(stored.embed_tokens).__name__ == "BlockEmbedding"
+    assert stored.lm_head.weight is stored.embed_tokens.weight  # tied: one copy of the blocks
+    float_params = sum(p.numel() for p in stored.parameters())
+    assert float_params < 0.01 * sum(p.numel() for p in reference.parameters())  # norms only
+    assert ids.shape[1] == 401
+    with torch.no_grad():
+        a, b = stored(ids[:, :-1]), reference(ids[:, :-1])
+    agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+    assert agree >= 0.99, agree
+    assert (a - b).abs().max() <= 1e-3 * (b.max() - b.min())
+
+
+@needs_ext
+@needs_smollm2
+def test_scalar_path_gives_the_twins_tokens(smollm2):
+    """A CPU without AVX2 (forced through the dispatch) runs the portable path, and greedy decoding
+    gives the tokens of the PyTorch twin."""
+    from ouvert.generate import generate
+
+    stored, _, ids = smollm2
+    prompt = ids[0, :24].tolist()
+    kernels.set_isa("scalar")
+    try:
+        assert kernels.isa() == "scalar"
+        scalar = generate(stored, prompt, 16)
+    finally:
+        kernels.set_isa(ISAS[0])
+    kernels.use_twin()
+    try:
+        assert kernels.isa() == "twin"
+        twin = generate(stored, prompt, 16)
+    finally:
+        kernels.use_twin(False)
+    assert scalar == twin
