@@ -510,6 +510,12 @@ class Transformer(nn.Module):
         self.mtp = nn.ModuleList(MTPModule(cfg, n + i) for i in range(cfg.num_nextn_predict_layers))
         self.reset_buffers()
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of activations and caches: the final norm's. Norms stay float in every storage
+        format, where the embedding may hold integer blocks (a GGUF model run as stored)."""
+        return self.norm.weight.dtype
+
     def reset_buffers(self) -> None:
         """(Re)compute the non-persistent rotary tables, e.g. after building on the meta device."""
         device = self.embed_tokens.weight.device

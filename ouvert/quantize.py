@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ouvert import kernels
 from ouvert.model import Experts, expert_counts, sorted_dispatch
 
 QUANT_METHOD = "ouvert"
@@ -184,6 +185,75 @@ class Int4Linear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"int4 group_size={self.group_size}")
+
+
+# Rows up to which a BlockLinear runs ouvert's kernel (decode steps, serving steps); above, prefill
+# dequantizes slices of the weight and runs torch's matmul.
+BLOCK_KERNEL_MAX_ROWS = 64
+
+
+class BlockLinear(nn.Module):
+    """y = x W^T + bias with W kept in one of GGUF's block formats, as the file stores it
+    (ouvert/kernels): weight (out, bytes per row) uint8, in_features / block values blocks a row."""
+
+    def __init__(self, in_features: int, out_features: int, qtype: int | str, bias: bool = False,
+                 dtype=torch.float32, device=None):
+        super().__init__()
+        t = kernels.block_type(qtype)
+        if in_features % t.values:
+            raise QuantizeError(f"{t.name} needs in_features divisible by {t.values}, got {in_features}")
+        self.in_features, self.out_features, self.qtype = in_features, out_features, t.id
+        self.register_buffer("weight", torch.empty(out_features, in_features // t.values * t.bytes,
+                                                   dtype=torch.uint8, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
+
+    def dequantize(self, dtype: torch.dtype | None = None, rows: slice = slice(None)) -> Tensor:
+        w = kernels.dequantize(self.weight[rows], self.qtype)
+        return w if dtype is None else w.to(dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.numel() // self.in_features <= BLOCK_KERNEL_MAX_ROWS:
+            y = kernels.block_matmul(x, self.weight, self.qtype)
+            return y if self.bias is None else y + self.bias.to(x.dtype)
+        return dequantized_linear(x, partial(self.dequantize, x.dtype), self.out_features, self.bias)
+
+    def extra_repr(self) -> str:
+        t = kernels.block_type(self.qtype)
+        return f"in_features={self.in_features}, out_features={self.out_features}, {t.name} blocks"
+
+
+class BlockEmbedding(nn.Module):
+    """An embedding table kept in a GGUF block format; a lookup decodes just the rows asked for, in
+    `dtype`. Its weight is the tied output head's too (a BlockLinear over the same tensor)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, qtype: int | str, dtype=torch.float32,
+                 device=None):
+        super().__init__()
+        t = kernels.block_type(qtype)
+        if embedding_dim % t.values:
+            raise QuantizeError(f"{t.name} needs embedding_dim divisible by {t.values}, got {embedding_dim}")
+        self.num_embeddings, self.embedding_dim, self.qtype, self.out_dtype = num_embeddings, embedding_dim, t.id, dtype
+        self.register_buffer("weight", torch.empty(num_embeddings, embedding_dim // t.values * t.bytes,
+                                                   dtype=torch.uint8, device=device))
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return kernels.block_rows(self.weight, self.qtype, ids).to(self.out_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {kernels.block_type(self.qtype).name} blocks"
+
+
+def swap_for_blocks(model: nn.Module, types: dict[str, int], dtype: torch.dtype) -> None:
+    """Put BlockLinear / BlockEmbedding in place of the nn.Linear / nn.Embedding named in `types`
+    (module name -> GGML type), on the meta device, before the blocks are assigned."""
+    for name, qtype in types.items():
+        parent, _, attr = name.rpartition(".")
+        m = model.get_submodule(name)
+        if isinstance(m, nn.Embedding):
+            new = BlockEmbedding(m.num_embeddings, m.embedding_dim, qtype, dtype, device="meta")
+        else:
+            new = BlockLinear(m.in_features, m.out_features, qtype, m.bias is not None, dtype, device="meta")
+        setattr(model.get_submodule(parent) if parent else model, attr, new)
 
 
 class Int8Experts(Experts):

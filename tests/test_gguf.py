@@ -37,6 +37,7 @@ import ouvert
 from ouvert import CheckpointError
 from ouvert.checkpoint.gguf import export_gguf
 from ouvert.cli import main as cli_main
+from ouvert.quantize import BlockEmbedding
 from ouvert.tokenizer import load_tokenizer, train_tokenizer
 
 VOCAB = 320
@@ -282,7 +283,9 @@ def test_load_model_reads_gguf_back(exported, llama_dir, deepseek_dir):
             # a token's choice of expert, a discrete jump that DeepSeek's large random init makes common.
             for kind, dtype, typical, top1 in (("f16", torch.float32, 0.003, 0.95), ("q8_0", None, 0.03, 0.75)):
                 m = ouvert.load_model(exported[arch, kind], dtype=dtype)
-                assert m.embed_tokens.weight.dtype == torch.float32  # asked for, or dequantized
+                assert m.dtype == torch.float32  # asked for, or the activations of a file run as stored
+                # without a dtype, q8_0 runs as stored: blocks in place of the float weights
+                assert isinstance(m.embed_tokens, BlockEmbedding) == (kind == "q8_0"), (arch, kind)
                 got = m(x)
                 assert (got - ref).abs().median() < typical * ref.abs().max(), (arch, kind)
                 assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > top1, (arch, kind)
@@ -529,7 +532,16 @@ def test_reads_k_quants_from_llama_cpp_quantizer(tok_dir, tmp_path):
     from ouvert.checkpoint.gguf import GGUFFile
 
     assert {"Q4_K", "Q6_K"} <= {gguf.GGMLQuantizationType(t.qtype).name for t in GGUFFile(out).tensors.values()}
-    ref, got = ouvert.load_model(d), ouvert.load_model(out)
+    ref, got = ouvert.load_model(d), ouvert.load_model(out, dtype=torch.float32)  # dequantized
     assert got.embed_tokens.weight.dtype == torch.float32
     for (name, a), b in zip(ref.state_dict().items(), got.state_dict().values()):
         assert (a - b).norm() <= 0.1 * a.norm(), name
+    # Run as stored, ouvert's kernels read llama.cpp's own Q4_K / Q6_K blocks: the same logits as the
+    # dequantized model but for the order of the float32 sums (1e-4 of the logits' range).
+    stored = ouvert.load_model(out)
+    kinds = {type(m).__name__ for m in stored.modules()}
+    assert {"BlockLinear", "BlockEmbedding"} <= kinds
+    x = torch.randint(0, stored.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = stored(x), got(x)
+    assert (a - b).abs().max() <= 1e-4 * (b.max() - b.min())

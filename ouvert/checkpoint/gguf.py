@@ -55,12 +55,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ouvert.checkpoint.hf import CheckpointError, assign_weights, build_on_meta
 from ouvert.checkpoint.meta import rope_halves_to_pairs, rope_pairs_to_halves
 from ouvert.config import ConfigError, ModelConfig
+from ouvert.kernels import BY_ID
 from ouvert.model import Transformer
+from ouvert.quantize import KEEP_FLOAT, swap_for_blocks
 
 
 def _gguf():
@@ -571,7 +573,7 @@ def export_gguf(
     from ouvert.checkpoint.hf import load_model
     from ouvert.tokenizer import load_tokenizer
 
-    model = load_model(model_dir)
+    model = load_model(model_dir, dtype=torch.float32 if Path(model_dir).suffix == ".gguf" else None)  # requantized
     src = Path(model_dir)
     tok_dir = Path(tokenizer_dir) if tokenizer_dir else src
     if not (tok_dir / "tokenizer.json").is_file():
@@ -824,7 +826,12 @@ def gguf_config(f: GGUFFile) -> ModelConfig:
 
 
 def load_gguf(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Transformer:
-    """Read a GGUF file (llama or deepseek2 architecture) as a Transformer; see the module docstring."""
+    """Read a GGUF file (llama or deepseek2 architecture) as a Transformer; see the module docstring.
+
+    Without a dtype, the file runs as stored: linear layers and the embedding whose tensors are in a
+    block format ouvert's kernels cover (Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K) keep their blocks,
+    memory-mapped, in BlockLinear / BlockEmbedding (ouvert/quantize.py), and everything else is
+    float. An explicit dtype dequantizes every tensor to it: the reference path."""
     g = _gguf()
     path = Path(path)
     if not path.is_file():
@@ -835,6 +842,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype | None = None, device: str | 
     tensors = f.tensors
     if "rope_freqs.weight" in tensors:
         cfg.rope_scaling = _llama3_scaling(decode_tensor(tensors["rope_freqs.weight"], path), cfg, path)
+    as_stored = dtype is None and torch.device(device).type == "cpu"
     if dtype is None:
         ft = f.fields.get("general.file_type")
         if ft is None:  # no file type: go by the embedding's
@@ -846,6 +854,8 @@ def load_gguf(path: str | Path, dtype: torch.dtype | None = None, device: str | 
     model, expected = build_on_meta(cfg)
     used = {"rope_freqs.weight"}
     state: dict[str, Tensor] = {}
+    blocks: dict[str, int] = {}  # module -> GGML type, for the weights that run as stored
+    dequantized: list[str] = []  # block tensors the kernels do not cover, turned into floats
     for name, meta in expected.items():
         names, transform = gguf_names(name, arch)
         for n in names:
@@ -854,12 +864,20 @@ def load_gguf(path: str | Path, dtype: torch.dtype | None = None, device: str | 
                     f"{path}: missing tensor {n!r} needed by {arch} with {cfg.num_hidden_layers} layers")
         with torch.device("meta"):
             want = [tuple(x.shape) for x in to_gguf(torch.empty(meta.shape), transform, cfg)]
+        if as_stored and _runs_as_stored(model, name, tensors[names[0]], transform, cfg):
+            state[name] = _blocks(tensors[names[0]], want[0], path)
+            state[name] = from_gguf((state[name],), transform, cfg)  # q / k row orders permute whole rows
+            blocks[name.removesuffix(".weight")] = tensors[names[0]].qtype
+            used.add(names[0])
+            continue
         parts = []
         for n, shape in zip(names, want):
             t = decode_tensor(tensors[n], path)
             if tuple(t.shape) != shape:
                 raise CheckpointError(
                     f"{path}: tensor {n!r} has shape {tuple(t.shape)}, expected {shape} from the metadata")
+            if as_stored and tensors[n].qtype not in (0, 1, 30):
+                dequantized.append(f"{n} ({g.GGMLQuantizationType(tensors[n].qtype).name})")
             parts.append(t)
             used.add(n)
         t = from_gguf(tuple(parts), transform, cfg)
@@ -868,7 +886,40 @@ def load_gguf(path: str | Path, dtype: torch.dtype | None = None, device: str | 
     unused = [n for n in tensors if n not in used]
     if unused:
         warnings.warn(f"{path}: {len(unused)} tensor(s) not used by {arch}: {', '.join(unused[:5])}", stacklevel=2)
+    if dequantized:
+        warnings.warn(f"{path}: {len(dequantized)} tensor(s) dequantized to {cfg.torch_dtype}, in a format or place "
+                      f"ouvert's kernels do not cover: {', '.join(dequantized[:4])}", stacklevel=2)
+    if blocks:
+        if cfg.tie_word_embeddings and "embed_tokens" in blocks:
+            blocks["lm_head"] = blocks["embed_tokens"]  # the head reads the embedding's blocks
+        swap_for_blocks(model, blocks, dtype)
+        cfg.extra["quantization_config"] = {"quant_method": "gguf", "types": sorted(
+            {g.GGMLQuantizationType(q).name for q in blocks.values()})}
     return assign_weights(model, state, device)
+
+
+def _runs_as_stored(model: Transformer, name: str, t: GGUFTensor, transform: str | None, cfg: ModelConfig) -> bool:
+    """Whether our parameter `name` keeps the GGUF tensor's blocks: a linear layer's or the embedding's
+    weight, in a block format the kernels cover, whose transform (if any) only reorders rows."""
+    if t.qtype not in BY_ID or t.qtype in (0, 1, 30) or not name.endswith(".weight"):
+        return False
+    module = model.get_submodule(name.removesuffix(".weight"))
+    if type(module) not in (nn.Linear, nn.Embedding) or name.split(".")[-2] in KEEP_FLOAT:
+        return False
+    mla_rows = transform in ("rope_mla_q", "rope_mla_kv") and cfg.rope_interleave  # the identity then
+    return transform in (None, "rope_q", "rope_k") or mla_rows
+
+
+def _blocks(t: GGUFTensor, shape: tuple[int, ...], path: Path) -> Tensor:
+    """A GGUF tensor's blocks as a (rows, bytes per row) uint8 tensor over the file's memory map."""
+    bt = BY_ID[t.qtype]
+    rows, k = (t.shape[0], t.shape[-1]) if len(t.shape) == 2 else (None, None)
+    if (rows, k) != tuple(shape):
+        raise CheckpointError(f"{path}: tensor {t.name!r} has shape {t.shape}, expected {tuple(shape)} "
+                              "from the metadata")
+    with warnings.catch_warnings():  # read-only memory: the blocks are never written
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(t.data).view(rows, k // bt.values * bt.bytes)
 
 
 def gguf_tokenizer(path: str | Path):

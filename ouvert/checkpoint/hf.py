@@ -432,6 +432,10 @@ def save_model(
     own, e.g. full tensors gathered from FSDP shards; `extra(tmp_dir)` writes more files (a
     training state) into the directory before the rename.
     """
+    if (model.config.extra.get("quantization_config") or {}).get("quant_method") == "gguf":
+        raise CheckpointError(f"{path}: this model runs a GGUF file's blocks as stored, which save_model cannot "
+                              "write yet; load the file with dtype=torch.float32 (or bfloat16) to save it")
+
     def write(tmp: Path) -> None:
         _write(model, tmp, tokenizer, max_shard_bytes, state_dict)
         if extra is not None:

@@ -221,7 +221,7 @@ def export_hf(model_dir: str | Path, out: str | Path, tokenizer_dir: str | Path 
     from ouvert.checkpoint.hf import load_model, save_model
     from ouvert.tokenizer import load_tokenizer
 
-    model = load_model(model_dir)
+    model = load_model(model_dir, dtype=torch.float32 if Path(model_dir).suffix == ".gguf" else None)  # floats to write
     src = Path(model_dir)
     if tokenizer_dir is None and src.suffix == ".gguf":  # a GGUF file carries its tokenizer
         from ouvert.checkpoint.gguf import gguf_tokenizer

@@ -25,8 +25,7 @@ class Cache:
     ):
         """A cache for the trunk's layers, or with mtp=True for the first MTP module's block alone
         (layer index num_hidden_layers), which has its own attention and so its own history."""
-        p = model.embed_tokens.weight
-        dtype, device = dtype or p.dtype, device or p.device
+        dtype, device = dtype or model.dtype, device or model.embed_tokens.weight.device
         self.batch_size, self.max_len = batch_size, max_len
         blocks = [model.mtp[0].block] if mtp else model.layers
         self.first_layer = model.config.num_hidden_layers if mtp else 0  # layer index of self.layers[0]

@@ -37,8 +37,7 @@ class Plan:
 
 class SlotCache:
     def __init__(self, model, n_slots: int, length: int, dtype: torch.dtype | None = None, device=None):
-        p = model.embed_tokens.weight
-        dtype, device = dtype or p.dtype, device or p.device
+        dtype, device = dtype or model.dtype, device or model.embed_tokens.weight.device
         self.n_slots, self.length, self.device = n_slots, length, device
         self.scratch = length  # index of the scratch column
         self.layers: list[tuple[Tensor, ...]] = [
@@ -54,7 +53,7 @@ class SlotCache:
     @staticmethod
     def bytes_per_token(model, dtype: torch.dtype | None = None) -> int:
         """Cache bytes one token takes over all layers, from a one-slot, one-token allocation."""
-        dtype = dtype or model.embed_tokens.weight.dtype
+        dtype = dtype or model.dtype
         return sum(
             t.numel() * t.element_size()
             for layer in model.layers
