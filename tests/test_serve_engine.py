@@ -101,8 +101,6 @@ def test_batch_invariance(cfg, tok):
     alone = [trace(run(Engine(model, tok, max_batch=8, chunk=16), [r])[0]) for r in reqs()]
     together = [trace(o) for o in run(Engine(model, tok, max_batch=8, chunk=16), reqs())]
     assert together == alone
-    # The comparison is fine enough to see a change of matmul shape: one slot instead of eight.
-    assert trace(run(Engine(model, tok, max_batch=1, chunk=16), reqs()[:1])[0]) != alone[0]
     # and the seeds matter
     other = Request(ps[0], 16, seed=999, logprobs=0, ignore_eos=True)
     assert trace(run(Engine(model, tok, max_batch=8, chunk=16), [other])[0]) != alone[0]
