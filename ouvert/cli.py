@@ -205,7 +205,7 @@ def describe(model) -> list[tuple[str, str]]:
     rows = [
         ("architecture", c.model_type),
         ("parameters", f"{params:,} ({params / 1e6:.1f}M)"),
-        ("dtype", str(model.embed_tokens.weight.dtype).removeprefix("torch.")),
+        ("dtype", str(model.dtype).removeprefix("torch.")),  # activations (and float weights)
         ("context length", f"{c.max_position_embeddings:,}"),
         ("layers", str(c.num_hidden_layers)),
         ("hidden size", str(c.hidden_size)),

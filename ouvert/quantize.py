@@ -568,8 +568,9 @@ QUANTIZED = (Int8Linear, Int4Linear, Int8Experts, Int4Experts)
 
 
 def quantized_numel(model: nn.Module) -> int:
-    """How many weights the quantized modules stand for (they hold buffers, not parameters)."""
-    n = 0
+    """How many weights the quantized modules stand for (they hold buffers, not parameters); a
+    tied head that reads the embedding's blocks is counted once."""
+    n, seen = 0, set()
     for m in model.modules():
         if isinstance(m, (Int8Linear, Int4Linear)):
             n += m.in_features * m.out_features
@@ -577,12 +578,19 @@ def quantized_numel(model: nn.Module) -> int:
             n += sum(getattr(m, w).numel() for w in EXPERT_PROJS)
         elif isinstance(m, Int4Experts):
             n += sum(2 * getattr(m, f"{w}_packed").numel() for w in EXPERT_PROJS)
+        elif isinstance(m, (BlockLinear, BlockEmbedding)) and id(m.weight) not in seen:
+            seen.add(id(m.weight))
+            n += m.weight.shape[0] * kernels.row_values(m.weight, m.qtype)
     return n
 
 
 def describe_quantization(model: nn.Module) -> str | None:
     """One line on what is quantized (`ouvert info`, `ouvert quantize`), or None for a float model."""
     qc = model.config.extra.get("quantization_config") or {}
+    if qc.get("quant_method") == "gguf":
+        n = sum(isinstance(m, BlockLinear) for m in model.modules())
+        emb = " and the embedding" if isinstance(getattr(model, "embed_tokens", None), BlockEmbedding) else ""
+        return f"GGUF blocks ({', '.join(qc['types'])}) run as stored: {n} linear layers{emb}"
     if qc.get("quant_method") != QUANT_METHOD:
         return None
     g = qc.get("group_size")

@@ -190,6 +190,11 @@ def test_real_gguf_runs_as_stored(smollm2):
     assert stored.lm_head.weight is stored.embed_tokens.weight  # tied: one copy of the blocks
     float_params = sum(p.numel() for p in stored.parameters())
     assert float_params < 0.01 * sum(p.numel() for p in reference.parameters())  # norms only
+    from ouvert.cli import describe
+
+    info = dict(describe(stored))  # `ouvert info`: every weight counted once, the tied head too
+    assert info["parameters"].startswith(f"{sum(p.numel() for p in reference.parameters()):,} ")
+    assert info["dtype"] == "float32" and info["quantization"].startswith("GGUF blocks (Q4_1, Q8_0)")
     assert ids.shape[1] == 401
     with torch.no_grad():
         a, b = stored(ids[:, :-1]), reference(ids[:, :-1])
