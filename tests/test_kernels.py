@@ -178,12 +178,23 @@ def smollm2():
     return stored, reference, torch.tensor([ids])
 
 
+def chunked_logits(model, ids: torch.Tensor, chunk: int = 50) -> torch.Tensor:
+    """Teacher-forced logits through the cache in chunks of `chunk` rows: every product takes the
+    kernels (up to 64 rows), as decode and serving steps do."""
+    from ouvert.generate.cache import Cache
+
+    cache = Cache(model, 1, ids.shape[1])
+    with torch.no_grad():
+        return torch.cat([model(ids[:, i : i + chunk], cache=cache) for i in range(0, ids.shape[1], chunk)], 1)
+
+
 @needs_ext
 @needs_smollm2
 def test_real_gguf_runs_as_stored(smollm2):
     """The file's Q4_1 and Q8_0 blocks stay blocks (no float copy of the weights), and teacher-forced
-    over 400 positions of text the predictions agree with the dequantized float32 model's: the
-    kernels differ from it only in the order of float32 sums."""
+    over 400 positions of text the kernels' predictions agree with the dequantized float32 model's:
+    at least 95% with 8-bit activations and integer products (llama.cpp's way; the issue's bar), at
+    least 99% with float products, which differ from it only in the order of float32 sums."""
     stored, reference, ids = smollm2
     assert type(stored.layers[0].mlp.down_proj).__name__ == "BlockLinear"
     assert type(stored.embed_tokens).__name__ == "BlockEmbedding"
@@ -196,8 +207,18 @@ def test_real_gguf_runs_as_stored(smollm2):
     assert info["parameters"].startswith(f"{sum(p.numel() for p in reference.parameters()):,} ")
     assert info["dtype"] == "float32" and info["quantization"].startswith("GGUF blocks (Q4_1, Q8_0)")
     assert ids.shape[1] == 401
+    x = ids[:, :-1]
     with torch.no_grad():
-        a, b = stored(ids[:, :-1]), reference(ids[:, :-1])
+        b = reference(x)
+    assert kernels.integer_dots()
+    a = chunked_logits(stored, x)
+    agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+    assert agree >= 0.95, agree
+    kernels.use_integer_dots(False)
+    try:
+        a = chunked_logits(stored, x)
+    finally:
+        kernels.use_integer_dots(True)
     agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
     assert agree >= 0.99, agree
     assert (a - b).abs().max() <= 1e-3 * (b.max() - b.min())

@@ -22,10 +22,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ouvert.kernels.formats import BY_ID, TYPES, BlockType, block_type, dequantize, row_values
+from ouvert.kernels.formats import (
+    BY_ID,
+    INTEGER_TYPES,
+    TYPES,
+    BlockType,
+    block_type,
+    dequantize,
+    integer_matmul,
+    quantize_activations,
+    row_values,
+)
 
-__all__ = ["BY_ID", "TYPES", "BlockType", "block_type", "dequantize", "row_values", "block_matmul", "block_rows",
-           "twin_matmul", "available", "isa", "set_isa", "use_twin"]
+__all__ = [
+    "BY_ID", "INTEGER_TYPES", "TYPES", "BlockType", "available", "block_matmul", "block_rows", "block_type",
+    "dequantize", "float_matmul", "integer_dots", "integer_matmul", "isa", "quantize_activations", "row_values",
+    "set_isa", "twin_matmul", "use_integer_dots", "use_twin",
+]
 
 
 def _load():
@@ -77,9 +90,34 @@ def set_isa(name: str) -> None:
     ext.set_isa(name)
 
 
-def twin_matmul(x: Tensor, w: Tensor, qtype: int) -> Tensor:
-    """The reference: dequantize W, then torch's matmul in float32; the result in x's dtype."""
+_int_dots = True
+
+
+def integer_dots() -> bool:
+    """Whether Q8_0 / Q4_0 / Q4_1 products quantize the activations to 8 bits per block of 32 and
+    multiply in integers, as llama.cpp does (the default; OUVERT_INT_DOTS=0 turns it off at start)."""
+    return _EXT.integer_dots() if _EXT is not None else _int_dots
+
+
+def use_integer_dots(on: bool = True) -> None:
+    global _int_dots
+    _int_dots = on
+    if _EXT is not None:
+        _EXT.use_integer_dots(on)
+
+
+def float_matmul(x: Tensor, w: Tensor, qtype: int) -> Tensor:
+    """Dequantize W, then torch's matmul in float32; the result in x's dtype."""
     return F.linear(x.float(), dequantize(w, qtype)).to(x.dtype)
+
+
+def twin_matmul(x: Tensor, w: Tensor, qtype: int) -> Tensor:
+    """The kernel's twin: the same math in plain PyTorch (integer_matmul where the kernel multiplies
+    in integers, else float_matmul); the result in x's dtype."""
+    name = block_type(qtype).name
+    if name in INTEGER_TYPES and integer_dots():
+        return integer_matmul(x.float(), w, name).to(x.dtype)
+    return float_matmul(x, w, qtype)
 
 
 def block_matmul(x: Tensor, w: Tensor, qtype: int) -> Tensor:

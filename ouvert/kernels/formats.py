@@ -125,4 +125,49 @@ def _q6_k(b: Tensor) -> Tensor:
     return (scale * q.reshape(-1, 2, 4, 2, 16)).reshape(b.shape[0], 256)
 
 
+# ---- integer dot products on quantized activations (csrc/impl.h) ------------------------------------
+INTEGER_TYPES = ("Q8_0", "Q4_0", "Q4_1")  # the weight formats the kernels multiply in integers
+
+
+def quantize_activations(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x (..., K) float32 in blocks of 32 as Q8_0: d = max|x| / 127 and q = x * (1 / d) rounded half
+    away from zero, in the kernels' float operations: (q int8 (..., K), d float32 (..., K / 32))."""
+    xb = x.float().reshape(*x.shape[:-1], -1, 32)
+    d = xb.abs().amax(-1) / 127.0
+    inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
+    t = xb * inv.unsqueeze(-1)
+    q = torch.trunc(t + torch.copysign(torch.full_like(t, 0.5), t))
+    return q.to(torch.int8).reshape(x.shape), d
+
+
+def integer_parts(blocks: Tensor, qtype: str) -> tuple[Tensor, Tensor, Tensor | None]:
+    """A Q8_0 / Q4_0 / Q4_1 weight (N, bytes) as integers (N, nb, 32), scales (N, nb) and, for Q4_1,
+    offsets (N, nb): value = scale * integer (+ offset)."""
+    t = TYPES[qtype]
+    b = blocks.reshape(-1, t.bytes)
+    d = _f16(b[:, 0:2])[:, 0]
+    if qtype == "Q8_0":
+        q, m = b[:, 2:].view(torch.int8).long(), None
+    else:
+        qs = b[:, 2:18] if qtype == "Q4_0" else b[:, 4:20]
+        q = torch.cat([qs & 0x0F, qs >> 4], dim=1).long() - (8 if qtype == "Q4_0" else 0)
+        m = _f16(b[:, 2:4])[:, 0] if qtype == "Q4_1" else None
+    n = blocks.shape[0]
+    return q.reshape(n, -1, 32), d.reshape(n, -1), None if m is None else m.reshape(n, -1)
+
+
+def integer_matmul(x: Tensor, blocks: Tensor, qtype: str) -> Tensor:
+    """The kernels' integer path, plainly: activations quantized per block, exact integer sums per
+    block pair, then sum over blocks of (d_w * d_x) * sum (+ (m_w * d_x) * sum of q_x), in float64."""
+    lead, K = x.shape[:-1], x.shape[-1]
+    q, d = quantize_activations(x.reshape(-1, K))
+    qx = q.reshape(q.shape[0], -1, 32).double()  # (M, nb, 32)
+    qw, dw, mw = integer_parts(blocks, qtype)
+    isum = torch.einsum("mbi,nbi->mnb", qx, qw.double())  # exact: |sum| < 2^20
+    y = ((dw.unsqueeze(0) * d.unsqueeze(1)).double() * isum).sum(-1)
+    if mw is not None:
+        y += ((mw.unsqueeze(0) * d.unsqueeze(1)).double() * qx.sum(-1).unsqueeze(1)).sum(-1)
+    return y.float().reshape(*lead, blocks.shape[0])
+
+
 _DECODE = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k}

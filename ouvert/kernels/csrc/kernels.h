@@ -1,6 +1,7 @@
 // ouvert's CPU kernels: one implementation per instruction set, chosen at load (ops.cpp).
 #pragma once
 #include <cstdint>
+#include <cstring>
 
 namespace ouvert_kernels {
 
@@ -11,7 +12,16 @@ enum QType : int { F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q4_K = 12, Q5
   void matmul(int qtype, const float* x, int64_t M, int64_t ldx, int64_t K, const uint8_t* w,              \
               int64_t row_bytes, int64_t n0, int64_t n1, float* y, int64_t ldy, float* scratch);           \
   void dequantize(int qtype, const uint8_t* w, int64_t row_bytes, int64_t K, const int64_t* rows,          \
-                  int64_t n, float* out);
+                  int64_t n, float* out);                                                                   \
+  void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* q, float* d, int32_t* s);                \
+  void matmul_q8(int qtype, const int8_t* xq, const float* xd, const int32_t* xs, int64_t M, int64_t K,     \
+                 const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1, float* y, int64_t ldy);
+
+static inline uint16_t load_u16(const uint8_t* p) {  // little-endian, as GGUF stores its halves
+  uint16_t v;
+  std::memcpy(&v, p, 2);
+  return v;
+}
 
 namespace scalar { OUVERT_ISA_DECLS }
 namespace avx2 { OUVERT_ISA_DECLS }

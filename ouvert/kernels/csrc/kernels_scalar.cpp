@@ -1,4 +1,6 @@
 // The portable path: plain C++ for any CPU (the baseline x86-64 the compiler targets).
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -48,6 +50,36 @@ static inline void affine16(const uint8_t* q, float d, float m, float* y) {
 }
 static inline void scale16(const int8_t* q, float d, float* y) {
   for (int i = 0; i < 16; i++) y[i] = d * float(q[i]);
+}
+
+// Integer block dots (impl.h's qdot): the specification, in plain loops.
+static inline float qdot_q8_0(const uint8_t* w, const int8_t* qx, const float* dx, int64_t nb) {
+  float acc = 0.0f;
+  for (int64_t b = 0; b < nb; b++, w += 34, qx += 32) {
+    const int8_t* q = reinterpret_cast<const int8_t*>(w + 2);
+    int32_t sum = 0;
+    for (int i = 0; i < 32; i++) sum += int32_t(q[i]) * qx[i];
+    acc += half_to_float(load_u16(w)) * dx[b] * float(sum);
+  }
+  return acc;
+}
+static inline float qdot_q4_0(const uint8_t* w, const int8_t* qx, const float* dx, int64_t nb) {
+  float acc = 0.0f;
+  for (int64_t b = 0; b < nb; b++, w += 18, qx += 32) {
+    int32_t sum = 0;
+    for (int i = 0; i < 16; i++) sum += ((w[2 + i] & 0x0F) - 8) * qx[i] + ((w[2 + i] >> 4) - 8) * qx[i + 16];
+    acc += half_to_float(load_u16(w)) * dx[b] * float(sum);
+  }
+  return acc;
+}
+static inline float qdot_q4_1(const uint8_t* w, const int8_t* qx, const float* dx, const int32_t* sx, int64_t nb) {
+  float acc = 0.0f;
+  for (int64_t b = 0; b < nb; b++, w += 20, qx += 32) {
+    int32_t sum = 0;
+    for (int i = 0; i < 16; i++) sum += (w[4 + i] & 0x0F) * qx[i] + (w[4 + i] >> 4) * qx[i + 16];
+    acc += half_to_float(load_u16(w)) * dx[b] * float(sum) + half_to_float(load_u16(w + 2)) * dx[b] * float(sx[b]);
+  }
+  return acc;
 }
 
 #include "impl.h"

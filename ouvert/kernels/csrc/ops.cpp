@@ -17,11 +17,22 @@ struct Isa {
   std::string name;
   decltype(&scalar::matmul) matmul;
   decltype(&scalar::dequantize) dequantize;
+  decltype(&scalar::quantize_rows) quantize_rows;
+  decltype(&scalar::matmul_q8) matmul_q8;
 };
 
-static const Isa kScalar{"scalar", scalar::matmul, scalar::dequantize};
-static const Isa kAvx2{"avx2", avx2::matmul, avx2::dequantize};
-static const Isa kAvx512{"avx512", avx512::matmul, avx512::dequantize};
+#define OUVERT_ISA(ns) Isa{#ns, ns::matmul, ns::dequantize, ns::quantize_rows, ns::matmul_q8}
+static const Isa kScalar = OUVERT_ISA(scalar);
+static const Isa kAvx2 = OUVERT_ISA(avx2);
+static const Isa kAvx512 = OUVERT_ISA(avx512);
+
+// Q8_0, Q4_0 and Q4_1 weights take integer dot products on activations quantized to 8 bits per
+// block of 32 (llama.cpp's way), unless OUVERT_INT_DOTS=0 or use_integer_dots(false).
+static bool g_int_dots = [] {
+  const char* v = std::getenv("OUVERT_INT_DOTS");
+  return !(v && std::string(v) == "0");
+}();
+static bool integer_path(int64_t qtype) { return g_int_dots && (qtype == Q8_0 || qtype == Q4_0 || qtype == Q4_1); }
 
 static bool cpu_has(const std::string& isa) {
   __builtin_cpu_init();
@@ -108,6 +119,20 @@ at::Tensor block_matmul(const at::Tensor& x, const at::Tensor& w, int64_t qtype)
   float* yp = y.data_ptr<float>();
   const int64_t row_bytes = w.size(1);
   const Isa* isa = g_isa;
+  if (integer_path(qtype)) {
+    const int64_t nb = K / 32;
+    std::vector<int8_t> q(M * K);
+    std::vector<float> d(M * nb);
+    std::vector<int32_t> s(M * nb);
+    isa->quantize_rows(xp, M, K, q.data(), d.data(), s.data());
+    const int64_t grain = std::max<int64_t>(1, std::min<int64_t>(64, N / (4 * at::get_num_threads())));
+    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+      isa->matmul_q8(int(qtype), q.data(), d.data(), s.data(), M, K, wp, row_bytes, n0, n1, yp, N);
+    });
+    auto shape = x.sizes().vec();
+    shape.back() = N;
+    return y.view(shape).to(x.scalar_type());
+  }
   // Enough output rows per task to amortize the task; each output row is computed whole by one thread.
   const int64_t grain = std::max<int64_t>(1, std::min<int64_t>(64, N / (4 * at::get_num_threads())));
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
@@ -151,6 +176,9 @@ TORCH_LIBRARY_IMPL(ouvert, CPU, m) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("use_integer_dots", [](bool on) { ouvert_kernels::g_int_dots = on; },
+        "Q8_0 / Q4_0 / Q4_1: integer dot products on 8-bit activations (true) or float products (false)");
+  m.def("integer_dots", [] { return ouvert_kernels::g_int_dots; });
   m.def("isa", &ouvert_kernels::isa, "the instruction set the kernels run on now");
   m.def("available", &ouvert_kernels::available, "the instruction sets this CPU can run, best first");
   m.def("set_isa", &ouvert_kernels::set_isa, "run the kernels on another instruction set this CPU has");
