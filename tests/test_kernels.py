@@ -246,3 +246,20 @@ def test_scalar_path_gives_the_twins_tokens(smollm2):
     finally:
         kernels.use_twin(False)
     assert scalar == twin
+
+
+@needs_ext
+@needs_smollm2
+def test_compiled_decode_of_the_real_gguf_equals_eager(smollm2):
+    """A compiled decode step keeps the kernels as opaque ops (fake implementations give the shapes):
+    the same greedy tokens as eager decoding."""
+    from ouvert.generate import generate
+
+    import warnings
+
+    stored, _, ids = smollm2
+    prompt = ids[0, :20].tolist()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no fall-back to eager decoding
+        compiled = generate(stored, prompt, 8, compile=True)
+    assert compiled == generate(stored, prompt, 8)
