@@ -4,6 +4,7 @@ threads, every instruction set this CPU has (so the AVX2 path is tested on an AV
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -254,8 +255,6 @@ def test_compiled_decode_of_the_real_gguf_equals_eager(smollm2):
     """A compiled decode step keeps the kernels as opaque ops (fake implementations give the shapes):
     the same greedy tokens as eager decoding."""
     from ouvert.generate import generate
-
-    import warnings
 
     stored, _, ids = smollm2
     prompt = ids[0, :20].tolist()

@@ -1,0 +1,62 @@
+// What the AVX2 and AVX-512 paths share, included inside each one's namespace (kernels_avx2.cpp,
+// kernels_avx512.cpp), both compiled with AVX2: unpacking nibbles on 128-bit lanes, and the
+// integer block dots on 256-bit lanes.
+
+static inline void nibbles16(const uint8_t* qs, uint8_t* lo, uint8_t* hi, int bias) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+  const __m128i mask = _mm_set1_epi8(0x0F), off = _mm_set1_epi8(char(bias));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(lo), _mm_sub_epi8(_mm_and_si128(b, mask), off));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(hi), _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(b, 4), mask), off));
+}
+
+// Integer block dots (impl.h's qdot) on 256-bit integer lanes: maddubs multiplies unsigned by
+// signed bytes into pairs of 16-bit sums (no overflow: at most 2 * 128 * 127), madd adds the pairs
+// into 8 lanes of int32; each block's 8 partial sums become floats and join a float accumulator
+// through d_w * d_x.
+static inline __m256i dot_u8_i8(__m256i u, __m256i s) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+}
+static inline __m256i nibbles32(const uint8_t* qs) {  // low nibbles in bytes 0-15, high in 16-31
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+  const __m128i m = _mm_set1_epi8(0x0F);
+  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), m), _mm_and_si128(b, m));
+}
+static inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+// Two accumulators, even and odd blocks, so that consecutive blocks' multiply-adds do not wait for
+// each other; the order is fixed, so a row's result still depends on nothing but that row.
+static inline float qdot_signed(const uint8_t* w, int stride, bool nibbles, const int8_t* qx, const float* dx,
+                                int64_t nb) {
+  __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+  for (int64_t b = 0; b < nb; b++, w += stride, qx += 32) {
+    const __m256i q = nibbles ? _mm256_sub_epi8(nibbles32(w + 2), _mm256_set1_epi8(8))
+                              : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 2));
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx));
+    const __m256i p = dot_u8_i8(_mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q));  // |q| * (x signed as q)
+    acc[b & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(half_to_float(load_u16(w)) * dx[b]),
+                                 acc[b & 1]);
+  }
+  return hsum8(_mm256_add_ps(acc[0], acc[1]));
+}
+static inline float qdot_q8_0(const uint8_t* w, const int8_t* qx, const float* dx, int64_t nb) {
+  return qdot_signed(w, 34, false, qx, dx, nb);
+}
+static inline float qdot_q4_0(const uint8_t* w, const int8_t* qx, const float* dx, int64_t nb) {
+  return qdot_signed(w, 18, true, qx, dx, nb);
+}
+static inline float qdot_q4_1(const uint8_t* w, const int8_t* qx, const float* dx, const int32_t* sx, int64_t nb) {
+  __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+  float offsets[2] = {0.0f, 0.0f};
+  for (int64_t b = 0; b < nb; b++, w += 20, qx += 32) {
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx));
+    const __m256i p = dot_u8_i8(nibbles32(w + 4), x);
+    acc[b & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(half_to_float(load_u16(w)) * dx[b]),
+                                 acc[b & 1]);
+    offsets[b & 1] += half_to_float(load_u16(w + 2)) * dx[b] * float(sx[b]);
+  }
+  return hsum8(_mm256_add_ps(acc[0], acc[1])) + (offsets[0] + offsets[1]);
+}
