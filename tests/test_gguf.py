@@ -336,6 +336,18 @@ def test_error_unsupported_quantization(tmp_path):
         ouvert.load_model(tmp_path / "iq.gguf")
 
 
+def test_block_types_without_a_kernel_are_dequantized_with_a_warning(llama_dir, tmp_path):
+    """Q5_0 has no kernel: run as stored, its tensors are turned into floats with a warning that names
+    them and the type, and the model runs (the twin path)."""
+    path = export_gguf(llama_dir, tmp_path / "q5.gguf", "q5_0")
+    said = r"q5\.gguf: \d+ tensor\(s\) dequantized to float32, .*blk\.0\.\w+\.weight \(Q5_0\)"
+    with pytest.warns(UserWarning, match=said):
+        m = ouvert.load_model(path)
+    assert not any(type(x).__name__ == "BlockLinear" for x in m.modules())
+    with torch.no_grad():
+        assert torch.isfinite(m(torch.tensor([[1, 2, 3]]))).all()
+
+
 def test_error_truncated_and_foreign_files(exported, tmp_path):
     data = exported["llama", "f16"].read_bytes()
     (tmp_path / "cut.gguf").write_bytes(data[: len(data) // 2])
