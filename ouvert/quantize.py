@@ -203,7 +203,7 @@ class BlockLinear(nn.Module):
         if in_features % t.values:
             raise QuantizeError(f"{t.name} needs in_features divisible by {t.values}, got {in_features}")
         self.in_features, self.out_features, self.qtype = in_features, out_features, t.id
-        self.register_buffer("weight", torch.empty(out_features, in_features // t.values * t.bytes,
+        self.register_buffer("weight", torch.empty(out_features, kernels.row_bytes(t.id, in_features),
                                                    dtype=torch.uint8, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
 
@@ -233,7 +233,7 @@ class BlockEmbedding(nn.Module):
         if embedding_dim % t.values:
             raise QuantizeError(f"{t.name} needs embedding_dim divisible by {t.values}, got {embedding_dim}")
         self.num_embeddings, self.embedding_dim, self.qtype, self.out_dtype = num_embeddings, embedding_dim, t.id, dtype
-        self.register_buffer("weight", torch.empty(num_embeddings, embedding_dim // t.values * t.bytes,
+        self.register_buffer("weight", torch.empty(num_embeddings, kernels.row_bytes(t.id, embedding_dim),
                                                    dtype=torch.uint8, device=device))
 
     def forward(self, ids: Tensor) -> Tensor:

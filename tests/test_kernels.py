@@ -5,6 +5,7 @@ threads, every instruction set this CPU has (so the AVX2 path is tested on an AV
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,16 @@ BLOCK_TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"]
 HALF_FIELDS = {"Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
 ISAS = kernels.available()
 needs_ext = pytest.mark.skipif(not ISAS, reason="ouvert's C++ kernels are not built")
+
+
+@contextmanager
+def on_isa(name: str):
+    """The kernels on instruction set `name` inside the block, then on the best the CPU has again."""
+    kernels.set_isa(name)
+    try:
+        yield
+    finally:
+        kernels.set_isa(ISAS[0])
 
 
 def random_blocks(qtype: str, n: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -67,8 +78,7 @@ def _bound(x: torch.Tensor, wf: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("qtype", BLOCK_TYPES + ["F32", "F16", "BF16"])
 def test_kernel_matches_its_twin(qtype, isa):
-    kernels.set_isa(isa)
-    try:
+    with on_isa(isa):
         for n, k in _shapes(qtype):
             w = random_blocks(qtype, n, k, seed=n * k)
             wf = kernels.dequantize(w, qtype)
@@ -79,8 +89,6 @@ def test_kernel_matches_its_twin(qtype, isa):
                 assert y.shape == (m, n)
                 err = (y - ref).abs()
                 assert (err <= _bound(x, wf)).all(), (qtype, isa, n, k, m, err.max().item())
-    finally:
-        kernels.set_isa(ISAS[0])
 
 
 @needs_ext
@@ -89,23 +97,22 @@ def test_kernel_matches_its_twin(qtype, isa):
 def test_rows_are_independent_of_the_batch_and_threads(qtype, isa):
     """Row invariance by construction: a row alone, among 63 others, or with 1 or 2 threads gives
     bitwise the same numbers."""
-    kernels.set_isa(isa)
     threads = torch.get_num_threads()
-    try:
-        w = random_blocks(qtype, 67, 512)
-        x = torch.randn(64, 512)
-        torch.set_num_threads(2)
-        batch = kernels.block_matmul(x, w, TYPES[qtype].id)
-        torch.set_num_threads(1)
-        for i in (0, 5, 63):
-            alone = kernels.block_matmul(x[i : i + 1], w, TYPES[qtype].id)
-            assert torch.equal(alone[0], batch[i])
-        other = x.clone()
-        other[1:] = torch.randn(63, 512)
-        assert torch.equal(kernels.block_matmul(other, w, TYPES[qtype].id)[0], batch[0])
-    finally:
-        torch.set_num_threads(threads)
-        kernels.set_isa(ISAS[0])
+    with on_isa(isa):
+        try:
+            w = random_blocks(qtype, 67, 512)
+            x = torch.randn(64, 512)
+            torch.set_num_threads(2)
+            batch = kernels.block_matmul(x, w, TYPES[qtype].id)
+            torch.set_num_threads(1)
+            for i in (0, 5, 63):
+                alone = kernels.block_matmul(x[i : i + 1], w, TYPES[qtype].id)
+                assert torch.equal(alone[0], batch[i])
+            other = x.clone()
+            other[1:] = torch.randn(63, 512)
+            assert torch.equal(kernels.block_matmul(other, w, TYPES[qtype].id)[0], batch[0])
+        finally:
+            torch.set_num_threads(threads)
 
 
 @needs_ext
@@ -114,16 +121,13 @@ def test_rows_are_independent_of_the_batch_and_threads(qtype, isa):
 def test_block_rows_decode_exactly_as_the_twin(qtype, isa):
     """Decoding does the twin's arithmetic in the twin's order (no fused multiply-adds), so the
     embedding rows are bitwise the twin's."""
-    kernels.set_isa(isa)
-    try:
+    with on_isa(isa):
         k = 512
         w = random_blocks(qtype, 9, k)
         rows = torch.tensor([[3, 0], [8, 3]])
         got = kernels.block_rows(w, TYPES[qtype].id, rows)
         assert got.shape == (2, 2, k)
         assert torch.equal(got, kernels.dequantize(w, qtype)[rows])
-    finally:
-        kernels.set_isa(ISAS[0])
 
 
 @needs_ext
@@ -234,12 +238,9 @@ def test_scalar_path_gives_the_twins_tokens(smollm2):
 
     stored, _, ids = smollm2
     prompt = ids[0, :24].tolist()
-    kernels.set_isa("scalar")
-    try:
+    with on_isa("scalar"):
         assert kernels.isa() == "scalar"
         scalar = generate(stored, prompt, 16)
-    finally:
-        kernels.set_isa(ISAS[0])
     kernels.use_twin()
     try:
         assert kernels.isa() == "twin"

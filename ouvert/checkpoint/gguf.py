@@ -60,7 +60,7 @@ from torch import Tensor, nn
 from ouvert.checkpoint.hf import CheckpointError, assign_weights, build_on_meta
 from ouvert.checkpoint.meta import rope_halves_to_pairs, rope_pairs_to_halves
 from ouvert.config import ConfigError, ModelConfig
-from ouvert.kernels import BY_ID
+from ouvert.kernels import BY_ID, row_bytes
 from ouvert.model import Transformer
 from ouvert.quantize import KEEP_FLOAT, swap_for_blocks
 
@@ -912,14 +912,13 @@ def _runs_as_stored(model: Transformer, name: str, t: GGUFTensor, transform: str
 
 def _blocks(t: GGUFTensor, shape: tuple[int, ...], path: Path) -> Tensor:
     """A GGUF tensor's blocks as a (rows, bytes per row) uint8 tensor over the file's memory map."""
-    bt = BY_ID[t.qtype]
     rows, k = (t.shape[0], t.shape[-1]) if len(t.shape) == 2 else (None, None)
     if (rows, k) != tuple(shape):
         raise CheckpointError(f"{path}: tensor {t.name!r} has shape {t.shape}, expected {tuple(shape)} "
                               "from the metadata")
     with warnings.catch_warnings():  # read-only memory: the blocks are never written
         warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(t.data).view(rows, k // bt.values * bt.bytes)
+        return torch.from_numpy(t.data).view(rows, row_bytes(t.qtype, k))
 
 
 def gguf_tokenizer(path: str | Path):

@@ -31,12 +31,14 @@ from ouvert.kernels.formats import (
     dequantize,
     integer_matmul,
     quantize_activations,
+    row_bytes,
     row_values,
 )
 
 __all__ = [
     "BY_ID", "INTEGER_TYPES", "TYPES", "BlockType", "available", "block_matmul", "block_rows", "block_type",
-    "dequantize", "float_matmul", "integer_dots", "integer_matmul", "isa", "quantize_activations", "row_values",
+    "dequantize", "float_matmul", "integer_dots", "integer_matmul", "isa", "quantize_activations", "row_bytes",
+    "row_values",
     "set_isa", "twin_matmul", "use_integer_dots", "use_twin",
 ]
 
@@ -72,22 +74,19 @@ def use_twin(on: bool = True) -> None:
 
 def available() -> list[str]:
     """The instruction sets the kernels can run on this CPU, best first ([] without the extension)."""
-    ext = _EXT
-    return ext.available() if ext else []
+    return _EXT.available() if _EXT else []
 
 
 def isa() -> str:
     """The instruction set the kernels run on now: avx512, avx2, scalar, or twin (no extension)."""
-    ext = _EXT
-    return ext.isa() if ext and not _twin_only else "twin"
+    return _EXT.isa() if _EXT and not _twin_only else "twin"
 
 
 def set_isa(name: str) -> None:
     """Force an instruction set this CPU has (OUVERT_ISA=name does the same at start)."""
-    ext = _EXT
-    if ext is None:
+    if _EXT is None:
         raise RuntimeError("ouvert's C++ kernels are not built")
-    ext.set_isa(name)
+    _EXT.set_isa(name)
 
 
 _int_dots = True

@@ -42,6 +42,12 @@ def row_values(blocks: Tensor, qtype: int | str) -> int:
     return blocks.shape[-1] // t.bytes * t.values
 
 
+def row_bytes(qtype: int | str, k: int) -> int:
+    """Bytes of one row of k values (k a multiple of the block's values): row_values' inverse."""
+    t = block_type(qtype)
+    return k // t.values * t.bytes
+
+
 def _f16(b: Tensor) -> Tensor:
     """Little-endian half floats in the last dim's byte pairs, as float32."""
     return b.contiguous().view(torch.float16).float()

@@ -119,26 +119,23 @@ at::Tensor block_matmul(const at::Tensor& x, const at::Tensor& w, int64_t qtype)
   float* yp = y.data_ptr<float>();
   const int64_t row_bytes = w.size(1);
   const Isa* isa = g_isa;
+  // Enough output rows per task to amortize the task; each output row is computed whole by one thread.
+  const int64_t grain = std::max<int64_t>(1, std::min<int64_t>(64, N / (4 * at::get_num_threads())));
   if (integer_path(qtype)) {
     const int64_t nb = K / 32;
     std::vector<int8_t> q(M * K);
     std::vector<float> d(M * nb);
     std::vector<int32_t> s(M * nb);
     isa->quantize_rows(xp, M, K, q.data(), d.data(), s.data());
-    const int64_t grain = std::max<int64_t>(1, std::min<int64_t>(64, N / (4 * at::get_num_threads())));
     at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
       isa->matmul_q8(int(qtype), q.data(), d.data(), s.data(), M, K, wp, row_bytes, n0, n1, yp, N);
     });
-    auto shape = x.sizes().vec();
-    shape.back() = N;
-    return y.view(shape).to(x.scalar_type());
+  } else {
+    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+      std::vector<float> scratch(K);
+      isa->matmul(int(qtype), xp, M, K, K, wp, row_bytes, n0, n1, yp, N, scratch.data());
+    });
   }
-  // Enough output rows per task to amortize the task; each output row is computed whole by one thread.
-  const int64_t grain = std::max<int64_t>(1, std::min<int64_t>(64, N / (4 * at::get_num_threads())));
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-    std::vector<float> scratch(K);
-    isa->matmul(int(qtype), xp, M, K, K, wp, row_bytes, n0, n1, yp, N, scratch.data());
-  });
   auto shape = x.sizes().vec();
   shape.back() = N;
   return y.view(shape).to(x.scalar_type());
