@@ -1,6 +1,6 @@
 // What the AVX2 and AVX-512 paths share, included inside each one's namespace (kernels_avx2.cpp,
 // kernels_avx512.cpp), both compiled with AVX2: unpacking nibbles on 128-bit lanes, and the
-// integer block dots on 256-bit lanes.
+// integer block dots on 256-bit lanes, and hsum8, the fixed sum of 8 floats both vsum()s end with.
 
 static inline void nibbles16(const uint8_t* qs, uint8_t* lo, uint8_t* hi, int bias) {
   const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));

@@ -12,19 +12,17 @@
 
 namespace ouvert_kernels::avx2 {
 
+static inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
+
+#include "avx2_shared.h"
+
 using vec = __m256;
 constexpr int W = 8;
 static inline vec vzero() { return _mm256_setzero_ps(); }
 static inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
 static inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
 static inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
-static inline float vsum(vec v) {  // a fixed tree: (0+4, 1+5, 2+6, 3+7), then pairs
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-static inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
+static inline float vsum(vec v) { return hsum8(v); }  // a fixed tree (avx2_shared.h)
 
 static inline void affine16(const uint8_t* q, float d, float m, float* y) {
   const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
@@ -40,8 +38,6 @@ static inline void scale16(const int8_t* q, float d, float* y) {
   _mm256_storeu_ps(y, _mm256_mul_ps(vd, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b))));
   _mm256_storeu_ps(y + 8, _mm256_mul_ps(vd, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)))));
 }
-
-#include "avx2_shared.h"
 
 #include "impl.h"
 

@@ -11,20 +11,19 @@
 
 namespace ouvert_kernels::avx512 {
 
+static inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
+
+#include "avx2_shared.h"
+
 using vec = __m512;
 constexpr int W = 16;
 static inline vec vzero() { return _mm512_setzero_ps(); }
 static inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
 static inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
 static inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
-static inline float vsum(vec v) {  // a fixed tree: halves, then as AVX2
-  __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
+static inline float vsum(vec v) {  // the halves, then AVX2's fixed tree (avx2_shared.h)
+  return hsum8(_mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))));
 }
-static inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
 
 static inline void affine16(const uint8_t* q, float d, float m, float* y) {
   const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
@@ -35,8 +34,6 @@ static inline void scale16(const int8_t* q, float d, float* y) {
   const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
   _mm512_storeu_ps(y, _mm512_mul_ps(_mm512_set1_ps(d), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b))));
 }
-
-#include "avx2_shared.h"
 
 #include "impl.h"
 
