@@ -57,6 +57,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ouvert.assets import check_asset
 from ouvert.checkpoint.hf import CheckpointError, assign_weights, build_on_meta
 from ouvert.checkpoint.meta import rope_halves_to_pairs, rope_pairs_to_halves
 from ouvert.config import ConfigError, ModelConfig
@@ -834,6 +835,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype | None = None, device: str | 
     float. An explicit dtype dequantizes every tensor to it: the reference path."""
     g = _gguf()
     path = Path(path)
+    check_asset(path)  # a file `make assets` fetches: missing or corrupted says how to fetch it again
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     f = GGUFFile(path)
