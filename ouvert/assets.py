@@ -5,10 +5,10 @@ trips on first. Only files named in ASSETS are hashed (98 MB take about 0.1 s), 
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from ouvert.checkpoint.hf import CheckpointError
+from ouvert.checkpoint.manifest import sha256_file
 
 FETCH = "`make assets` (scripts/fetch_assets.sh)"
 
@@ -22,11 +22,6 @@ ASSETS = {
 }
 
 
-def sha256(path: str | Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def check_asset(path: str | Path) -> None:
     """Raise CheckpointError if `path` is named like a fetched asset and is missing or differs from
     it; any other path passes unchecked."""
@@ -36,7 +31,7 @@ def check_asset(path: str | Path) -> None:
     what, want = ASSETS[path.name]
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file; fetch {what} with {FETCH}, into .cache/models/")
-    got = sha256(path)
+    got = sha256_file(path)
     if got != want:
         raise CheckpointError(
             f"{path}: sha256 {got}, expected {want}: a corrupted or partial copy; fetch {what} again with "

@@ -12,8 +12,9 @@ import torch
 
 import ouvert
 from ouvert import CheckpointError
-from ouvert.assets import ASSETS, sha256
+from ouvert.assets import ASSETS
 from ouvert.checkpoint.gguf import GGUFFile
+from ouvert.checkpoint.manifest import sha256_file
 from ouvert.cli import main as cli_main
 
 SMOLLM2 = Path(__file__).resolve().parent.parent / ".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -48,7 +49,7 @@ def test_corrupted_asset_names_both_sums(tmp_path, capsys, damage):
         GGUFFile(bad)
     else:
         os.truncate(bad, size - 4096)
-    got, want = sha256(bad), ASSETS[bad.name][1]
+    got, want = sha256_file(bad), ASSETS[bad.name][1]
     assert got != want
     for kw in ({}, {"dtype": torch.float32}):  # as stored and dequantized go through the same check
         with pytest.raises(CheckpointError) as e:

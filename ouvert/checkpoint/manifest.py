@@ -114,6 +114,8 @@ def parent_record(path: str | Path) -> dict[str, Any]:
     """What a fine-tune names as its parent: the path, the weights' identity, and the parent's own
     parent hash if it has an ouvert.json (so a chain of fine-tunes can be walked)."""
     path = Path(path)
+    if path.is_file():  # a single-file checkpoint (GGUF): its bytes are its identity
+        return {"path": str(path.resolve()), "file_sha256": sha256_file(path)}
     rec: dict[str, Any] = {"path": str(path.resolve()), "checkpoint_sha256": checkpoint_hash(path)}
     try:
         m = read(path)

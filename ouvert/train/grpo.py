@@ -71,6 +71,32 @@ def answer_format(text: str, example: dict) -> float:
     return 0.1 if re.fullmatch(r"\s*-?\d+\s*", text) else 0.0
 
 
+# Common function words (and number words) of each language: a reply is French when it holds more of
+# French's than of English's. Crude, but it is a program, so GRPO's reward cannot be argued with.
+_FRENCH = set("""le la les l un une des du de d au aux et est sont font fait c ce cette ces il elle ils elles
+je j tu vous nous on ne pas plus que qui quoi dans sur avec pour par mais ou donc où y a ai avez sommes
+mon ma mes ton son sa ses leur notre votre très bien oui non merci bonjour être avoir zéro deux trois quatre
+cinq six sept huit neuf dix onze douze vingt cent après vient comme aussi tout tous""".split())
+_ENGLISH = set("""the a an and is are was were it its this that these those i you he she we they not no yes
+of to in on at for with by from but or so what which who how my your his her our their very well thank
+hello be have has do does can will would zero one two three four five six seven eight nine ten eleven twelve
+twenty hundred after comes as also all""".split())
+_WORD = re.compile(r"[^\W\d_]+", re.UNICODE)
+
+
+def looks_french(text: str) -> bool:
+    """True when the text holds more French function words than English ones (and at least one)."""
+    words = [w.lower() for w in _WORD.findall(text)]
+    fr, en = sum(w in _FRENCH for w in words), sum(w in _ENGLISH for w in words)
+    return fr > en
+
+
+@reward("french")
+def french(text: str, example: dict) -> float:
+    """1 when the completion is in French (looks_french)."""
+    return float(looks_french(text))
+
+
 def group_advantages(rewards: Tensor, eps: float = 1e-4) -> Tensor:
     """rewards (n_prompts, G) -> (r - mean) / (std + eps) within each group."""
     mean = rewards.mean(dim=1, keepdim=True)
@@ -190,8 +216,13 @@ class GRPOTask:
 
     @torch.no_grad()
     def evaluate(self, model) -> dict[str, float]:
-        return {"val_accuracy": accuracy(model, self.tok, self.val or self.train, self.c.max_new_tokens,
-                                         self.prompt_ids)}
+        """Greedy replies to the held-out prompts: exact-answer accuracy when the task has answers to
+        check, else the mean reward."""
+        examples = self.val or self.train
+        if exact_answer in self.rewards:
+            return {"val_accuracy": accuracy(model, self.tok, examples, self.c.max_new_tokens, self.prompt_ids)}
+        return {"val_reward": accuracy(model, self.tok, examples, self.c.max_new_tokens, self.prompt_ids,
+                                       score=self.score)}
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "index": self.rollout_index, "round": self.round}
@@ -202,14 +233,15 @@ class GRPOTask:
 
 
 @torch.no_grad()
-def accuracy(model, tok, examples: list[dict], max_new_tokens: int, prompt_ids, batch: int = 64) -> float:
-    """Greedy exact-answer accuracy on examples ({"prompt", "answer"})."""
+def accuracy(model, tok, examples: list[dict], max_new_tokens: int, prompt_ids, batch: int = 64,
+             score: Callable[[str, dict], float] = exact_answer) -> float:
+    """The mean score of greedy completions (default: exact-answer accuracy on {"prompt", "answer"})."""
     was = model.training
     model.eval()
     right = 0
     for i in range(0, len(examples), batch):
         chunk = examples[i : i + batch]
         outs = generate(model, [prompt_ids(e) for e in chunk], max_new_tokens, stop_token_ids=tok.stop_token_ids)
-        right += sum(exact_answer(tok.decode(o, skip_special_tokens=True), e) for o, e in zip(outs, chunk))
+        right += sum(score(tok.decode(o, skip_special_tokens=True), e) for o, e in zip(outs, chunk))
     model.train(was)
     return right / len(examples)

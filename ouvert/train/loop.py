@@ -414,7 +414,7 @@ def train(c: TrainConfig, resume: bool = False) -> Path:
             post = {"loss": f"{record['loss']:.3f}", "lr": f"{lr:.2e}"}
             if "tokens_per_s" in record:
                 post["tok/s"] = f"{record['tokens_per_s']:.0f}"
-            for k in ("val_loss", "val_accuracy", "reward_mean"):
+            for k in ("val_loss", "val_accuracy", "val_reward", "reward_mean"):
                 if k in record:
                     post[k.removeprefix("val_")] = f"{record[k]:.3f}"
             bar.set_postfix(post, refresh=False)
