@@ -10,6 +10,10 @@ A task is named on the command line as one of:
   perplexity:PATH     perplexity on text files (a file, a glob, a directory) or on a token-shard
                       directory written by `ouvert data prepare` (it has a manifest.json).
   a text file, glob or shard directory: perplexity, as above.
+  a shipped task's name, from ouvert/eval/data (its .json spec, else its .jsonl):
+                      general_mc   52 easy general-knowledge questions, 4 choices each, zero-shot
+                      general_qa   50 short questions (capitals, sums, opposites...) answered in a word
+                                   or a number, 3-shot, greedy to the end of the line, exact match
 
 Few-shot prompts follow lm-eval: each example is `context + target_delimiter + answer`, the examples
 and then the scored context are joined with `fewshot_delimiter`. The K examples are drawn from the
@@ -32,6 +36,7 @@ FIELDS = {
     "generate": {"prompt": str, "answer": (str, int, float)},
 }
 SPEC_SUFFIXES = (".yaml", ".yml", ".json")
+SHIPPED = Path(__file__).parent / "data"  # tasks that come with ouvert, named by their file's stem
 
 
 class TaskError(ValueError):
@@ -160,6 +165,8 @@ def load_task(spec: str, num_fewshot: int | None = None) -> Task:
         target = spec.removeprefix("perplexity:")
         return Task(name=f"perplexity/{Path(target.rstrip('/')).stem or 'text'}", kind="perplexity", path=target)
     p = Path(spec)
+    if not p.exists() and (shipped := shipped_task(spec)):
+        p = shipped
     if p.is_file() and p.suffix in SPEC_SUFFIXES:
         s = _read_spec(p)
         data = Path(s["path"]) if Path(s["path"]).is_absolute() else p.parent / s["path"]
@@ -180,7 +187,7 @@ def load_task(spec: str, num_fewshot: int | None = None) -> Task:
         task = Task(name=f"perplexity/{p.stem or 'text'}", kind="perplexity", path=spec)
     else:
         raise TaskError(f"{spec}: no such task file (give a .jsonl, a .yaml/.json task spec, text files, a shard "
-                        "directory, or perplexity:PATH)")
+                        f"directory, perplexity:PATH, or a shipped task: {', '.join(shipped_names())})")
     if num_fewshot is not None:
         task.num_fewshot = num_fewshot
     if task.num_fewshot < 0:
@@ -188,6 +195,18 @@ def load_task(spec: str, num_fewshot: int | None = None) -> Task:
     if task.verifier not in (None, "exact", "numeric"):
         raise TaskError(f"{spec}: verifier is {task.verifier!r}; verifiers are 'exact' and 'numeric'")
     return task
+
+
+def shipped_names() -> list[str]:
+    return sorted({f.stem for f in SHIPPED.glob("*.json*")})
+
+
+def shipped_task(name: str) -> Path | None:
+    """The file of the shipped task called `name` (its spec before its data), or None."""
+    if name not in shipped_names():
+        return None
+    spec = SHIPPED / f"{name}.json"
+    return spec if spec.is_file() else SHIPPED / f"{name}.jsonl"
 
 
 def _read_docs(task: Task) -> None:
