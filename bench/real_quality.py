@@ -78,6 +78,11 @@ def variants():
         ("int8 per channel", lambda: quantize_model(f32(), "int8")),
         ("int4 group 64", lambda: quantize_model(f32(), "int4", 64)),
         ("int4 group 32", lambda: quantize_model(f32(), "int4", 32)),
+        # GGUF's block formats written by ouvert's own encoder (ouvert quantize --scheme ...)
+        ("q8_0 blocks (ouvert quantize)", lambda: quantize_model(f32(), "q8_0")),
+        ("q6_k blocks (ouvert quantize)", lambda: quantize_model(f32(), "q6_k")),
+        ("q4_k_m blocks (ouvert quantize)", lambda: quantize_model(f32(), "q4_k_m")),
+        ("q4_0 blocks (ouvert quantize)", lambda: quantize_model(f32(), "q4_0")),
         ("GGUF Q4_1 as stored", lambda: ouvert.load_model(GGUF).eval()),
         ("GGUF Q4_1, integer dots off", lambda: ouvert.load_model(GGUF).eval()),
     ]

@@ -256,6 +256,126 @@ def swap_for_blocks(model: nn.Module, types: dict[str, int], dtype: torch.dtype)
         setattr(model.get_submodule(parent) if parent else model, attr, new)
 
 
+# ---- GGUF's block formats written from float weights (ouvert/kernels/encode.py) ------------------
+
+# `ouvert quantize --scheme` values that write block formats, and the type of each tensor they give:
+# one type everywhere, or a mix after llama.cpp's *_K_M recipes (see block_plan).
+BLOCK_SCHEMES = ("q8_0", "q4_0", "q4_1", "q4_k", "q5_k", "q6_k", "q4_k_m", "q5_k_m")
+# A k-quant needs rows in whole super-blocks of 256; a row that is not (SmolLM2's 576 features)
+# falls back to a format of 32-value blocks the kernels cover. llama.cpp falls back to Q5_0 / Q5_1,
+# which ouvert's kernels do not run; Q4_1 and Q8_0 are the nearest they do.
+K_FALLBACK = {"Q4_K": "Q4_1", "Q5_K": "Q8_0", "Q6_K": "Q8_0"}
+
+
+def _more_bits(layer: int, n_layers: int) -> bool:
+    """The layers a *_K_M mix gives more bits to (llama.cpp's rule): the first and last eighth of
+    the stack, and every third layer in between."""
+    eighth = n_layers // 8
+    return layer < eighth or layer >= n_layers - eighth or (layer - eighth) % 3 == 2
+
+
+def block_plan(model: nn.Module, scheme: str) -> dict[str, str]:
+    """module name -> block type name, for every float linear layer of the body, the embedding and
+    an untied head. Plain schemes put the body and the embedding in their one type and the output
+    head (the embedding too when it is tied) in Q8_0 for q8_0, else Q6_K, since the head's errors
+    reach the logits undiluted. The _m mixes put attention's v_proj and the MLP's down_proj of the
+    `_more_bits` layers in Q6_K and the rest in Q4_K (Q5_K). DeepSeek's stacked routed experts,
+    MLA's kv_b_proj and the MTP module's eh_proj stay float."""
+    if scheme not in BLOCK_SCHEMES:
+        raise QuantizeError(f"unknown block scheme {scheme!r}; choose from {', '.join(BLOCK_SCHEMES)}")
+    base = scheme.removesuffix("_m").upper()
+    head_type = "Q8_0" if scheme == "q8_0" else "Q6_K"
+    n_layers = model.config.num_hidden_layers
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    plan: dict[str, str] = {}
+    for name in linear_names(model):
+        t = base
+        if scheme.endswith("_m") and name.rsplit(".", 1)[-1] in ("v_proj", "down_proj"):
+            parts = name.split(".")
+            if parts[0] == "layers" and _more_bits(int(parts[1]), n_layers):
+                t = "Q6_K"
+        plan[name] = t
+    if isinstance(getattr(model, "embed_tokens", None), nn.Embedding):
+        plan["embed_tokens"] = head_type if tied else base
+    if head_name(model):
+        plan[HEAD] = head_type
+    for name, t in plan.items():  # rows that do not split into the type's blocks
+        m = model.get_submodule(name)
+        k = m.embedding_dim if isinstance(m, nn.Embedding) else m.in_features
+        if k % kernels.TYPES[t].values:
+            t = K_FALLBACK.get(t, t)
+        if k % kernels.TYPES[t].values:
+            raise QuantizeError(f"{name!r} has rows of {k} values, not a multiple of {t}'s blocks of "
+                                f"{kernels.TYPES[t].values}")
+        plan[name] = t
+    return plan
+
+
+def quantize_to_blocks(model: nn.Module, scheme: str) -> nn.Module:
+    """Quantize a float Transformer in place into GGUF's block formats (block_plan): encode, swap
+    for BlockLinear / BlockEmbedding, assign; the tensor types go into its quantization_config, so
+    that save_model writes them and load_model (and `ouvert export gguf`) reads them back."""
+    from ouvert.kernels.encode import quantize as encode
+
+    if any(isinstance(m, (*QUANTIZED, BlockLinear, BlockEmbedding)) for m in model.modules()):
+        raise QuantizeError(f"the model is quantized already ({model.config.extra.get('quantization_config')})")
+    plan = block_plan(model, scheme)
+    dtype = model.embed_tokens.weight.dtype
+    state = {}
+    for name, t in plan.items():
+        m = model.get_submodule(name)
+        state[f"{name}.weight"] = encode(m.weight.detach(), t)
+        if getattr(m, "bias", None) is not None:
+            state[f"{name}.bias"] = m.bias.detach()
+    types = {n: kernels.TYPES[t].id for n, t in plan.items()}
+    tied = model.config.tie_word_embeddings and "embed_tokens" in types
+    if tied:
+        types[HEAD] = types["embed_tokens"]  # the head reads the embedding's blocks
+    swap_for_blocks(model, types, dtype)
+    model.load_state_dict(state, strict=False, assign=True)
+    if tied:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.config.extra["quantization_config"] = block_config(model, plan)
+    return model
+
+
+def block_config(model: nn.Module, types: dict[str, str | int]) -> dict:
+    """config.json's record of a block model: {"quant_method": "gguf", "tensor_types": {HF tensor
+    name: GGML type name}}, one entry per tensor kept in blocks (a tied head is the embedding's)."""
+    from ouvert.checkpoint.hf import hf_names
+
+    names = {}
+    for name, t in types.items():
+        if name == HEAD and model.config.tie_word_embeddings:
+            continue
+        names[hf_names(f"{name}.weight", model.config)[0]] = kernels.block_type(t).name
+    return {"quant_method": "gguf", "tensor_types": dict(sorted(names.items()))}
+
+
+def block_types(qc: dict, cfg, where: Path | str) -> dict[str, int]:
+    """block_config's inverse on a model config: our module name -> GGML type id (the tied head
+    added), a CheckpointError naming the file and the entry for anything ouvert cannot run."""
+    from ouvert.checkpoint.hf import CheckpointError, our_name
+
+    out: dict[str, int] = {}
+    tensor_types = qc.get("tensor_types")
+    if not isinstance(tensor_types, dict) or not tensor_types:
+        raise CheckpointError(f"{where}: quantization_config: quant_method 'gguf' needs a tensor_types table "
+                              "(HF tensor name -> GGML type)")
+    for key, t in tensor_types.items():
+        named = our_name(key, cfg)
+        if named is None or named[1] is not None or not named[0].endswith(".weight"):
+            raise CheckpointError(f"{where}: quantization_config.tensor_types: {key!r} is not a weight that "
+                                  "ouvert keeps in blocks")
+        try:
+            out[named[0].removesuffix(".weight")] = kernels.block_type(str(t)).id
+        except ValueError as e:
+            raise CheckpointError(f"{where}: quantization_config.tensor_types[{key!r}]: {e}") from None
+    if cfg.tie_word_embeddings and "embed_tokens" in out:
+        out[HEAD] = out["embed_tokens"]
+    return out
+
+
 class Int8Experts(Experts):
     """Routed experts with int8 weights, stacked as Experts' are: for w in gate_proj, up_proj and
     down_proj, `w` int8 (E, out, in) and `w_scale` (E, out), each expert quantized as Int8Linear."""
@@ -590,7 +710,8 @@ def describe_quantization(model: nn.Module) -> str | None:
     if qc.get("quant_method") == "gguf":
         n = sum(isinstance(m, BlockLinear) for m in model.modules())
         emb = " and the embedding" if isinstance(getattr(model, "embed_tokens", None), BlockEmbedding) else ""
-        return f"GGUF blocks ({', '.join(qc['types'])}) run as stored: {n} linear layers{emb}"
+        kinds = ", ".join(sorted(set(qc["tensor_types"].values())))
+        return f"GGUF blocks ({kinds}) run as stored: {n} linear layers{emb}"
     if qc.get("quant_method") != QUANT_METHOD:
         return None
     g = qc.get("group_size")
@@ -623,6 +744,10 @@ def quantization_config(scheme: str, group_size: int | None, head: str | None = 
 def quantize_model(model: nn.Module, scheme: str, group_size: int | None = None) -> nn.Module:
     """Quantize a float Transformer in place (transform, swap, assign) and record the scheme in its
     config, so that save_model writes a checkpoint load_model reads back."""
+    if scheme in BLOCK_SCHEMES:
+        if group_size is not None:
+            raise QuantizeError(f"{scheme} has its own block size and takes no group size")
+        return quantize_to_blocks(model, scheme)
     check_scheme(scheme, group_size)
     if any(isinstance(m, QUANTIZED) for m in model.modules()):
         raise QuantizeError(f"the model is quantized already ({model.config.extra.get('quantization_config')})")
@@ -679,6 +804,10 @@ def read_quantization_config(qc: dict, where: Path | str) -> tuple[str, int | No
 def prepare_for_load(model: nn.Module, qc: dict, where: Path | str) -> None:
     """load_model's hook: swap the meta model's Linears and routed experts for the checkpoint's
     scheme, and its head for the head's scheme if it has one (else the head stays float)."""
+    if qc.get("quant_method") == "gguf":
+        dtype = getattr(torch, model.config.torch_dtype or "float32")  # the activations' (norms stay float)
+        swap_for_blocks(model, block_types(qc, model.config, where), dtype)
+        return
     scheme, group_size, head = read_quantization_config(qc, where)
     swap_linears(model, linear_names(model), scheme, group_size)
     swap_experts(model, expert_names(model), scheme, group_size)
@@ -696,22 +825,27 @@ def cli_quantize(args) -> None:
     from ouvert import load_model, save_model
     from ouvert.tokenizer import load_tokenizer
 
-    check_scheme(args.scheme, args.group_size)
-    model = quantize_model(load_model(args.model), args.scheme, args.group_size)
-    tok = load_tokenizer(args.model) if (Path(args.model) / "tokenizer.json").is_file() else None
+    if args.scheme not in BLOCK_SCHEMES:
+        check_scheme(args.scheme, args.group_size)
+    src = Path(args.model)
+    # a GGUF file is read dequantized (its blocks, requantized, lose more than float weights would)
+    model = quantize_model(load_model(src, dtype=torch.float32 if src.suffix == ".gguf" else None), args.scheme,
+                           args.group_size)
+    tok = load_tokenizer(src) if src.suffix == ".gguf" or (src / "tokenizer.json").is_file() else None
     lineage = {"derived_by": f"ouvert quantize --scheme {args.scheme}"}
-    if Path(args.model).is_dir():  # ouvert.json names the float checkpoint it came from
-        from ouvert.checkpoint.manifest import parent_record
+    from ouvert.checkpoint.manifest import parent_record
 
-        lineage["parent"] = parent_record(args.model)
+    lineage["parent"] = parent_record(src)  # ouvert.json names the checkpoint (or file) it came from
     save_model(model, args.out, tokenizer=tok, provenance=lineage)
     print(f"wrote {args.out}: {describe_quantization(model)}")
 
 
 def add_quantize_parser(sub) -> None:
-    p = sub.add_parser("quantize", help="weight-only int8 / int4 checkpoint (HF layout)")
+    p = sub.add_parser("quantize", help="weight-only checkpoint (HF layout): GGUF block formats, int8, int4")
     p.add_argument("--model", required=True, help="float checkpoint directory")
-    p.add_argument("--scheme", required=True, help="int8 (per output channel) or int4 (groups)")
+    p.add_argument("--scheme", required=True,
+                   help=f"{', '.join(BLOCK_SCHEMES)} (GGUF's block formats, run by ouvert's kernels); "
+                        "int8 (per output channel) or int4 (groups), run by torch's kernels")
     p.add_argument("--group-size", type=int, default=None, help="int4: 32, 64, 128 or 256 (default 128, else 32)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cli_quantize)

@@ -367,8 +367,8 @@ def test_export_errors_name_the_problem(llama_dir, tmp_path, capsys):
     (d / "tokenizer.json").unlink()
     assert cli_main(["export", "gguf", "--model", str(d), "--out", str(tmp_path / "a.gguf")]) == 2
     assert "no tokenizer.json" in capsys.readouterr().err
-    with pytest.raises(CheckpointError, match="cannot write k-quants"):
-        export_gguf(llama_dir, tmp_path / "k.gguf", "q4_k_m")
+    with pytest.raises(CheckpointError, match="unknown GGUF type 'q2_k'; ouvert writes f32, f16"):
+        export_gguf(llama_dir, tmp_path / "k.gguf", "q2_k")
     qwen = make_hf_model("qwen3", vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1, head_dim=16)
     qwen.save_pretrained(tmp_path / "qwen")
@@ -557,3 +557,77 @@ def test_reads_k_quants_from_llama_cpp_quantizer(tok_dir, tmp_path):
     with torch.no_grad():
         a, b = stored(x), got(x)
     assert (a - b).abs().max() <= 1e-4 * (b.max() - b.min())
+
+
+# ---- GGUF's block formats written by ouvert: `ouvert quantize --scheme`, export copying the blocks ----
+
+BLOCK_LLAMA = dict(LLAMA, hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+                   initializer_range=0.05)
+# logits against the float model, as a fraction of their range: about twice what was measured on this
+# model (q8_0 1.2%, q6_k 4.1%, q4_k_m 14%, q4_1 19%: two random layers with perturbed norms, whose
+# errors add up in a few large logits)
+BLOCK_TOLERANCE = {"q8_0": 0.025, "q6_k": 0.08, "q4_k_m": 0.28, "q4_1": 0.38}
+
+
+@pytest.fixture(scope="module")
+def block_dir(tmp_path_factory, tok_dir):
+    """A float Llama whose rows split into k-quant super-blocks (256 features)."""
+    tok = load_tokenizer(tok_dir)
+    hf = make_hf_model("llama", seed=3, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **BLOCK_LLAMA)
+    d = tmp_path_factory.mktemp("block-llama")
+    hf.save_pretrained(d)
+    return _with_tokenizer(d, tok_dir)
+
+
+@pytest.mark.parametrize("scheme", list(BLOCK_TOLERANCE))
+def test_quantize_to_blocks_saves_loads_and_exports_as_stored(block_dir, tok_dir, tmp_path, scheme):
+    from ouvert.quantize import BlockLinear, _more_bits, block_plan
+
+    out = tmp_path / scheme
+    assert cli_main(["quantize", "--model", str(block_dir), "--scheme", scheme, "--out", str(out)]) == 0
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    float_model = ouvert.load_model(block_dir)
+    plan = block_plan(float_model, scheme)
+    assert qc["quant_method"] == "gguf"
+    hf_name = {n: ("lm_head" if n == "lm_head" else f"model.{n}") + ".weight" for n in plan}
+    assert qc["tensor_types"] == {hf_name[n]: t for n, t in plan.items()}
+    if scheme == "q4_k_m":  # the mix: v_proj and down_proj of the more-bits layers (none of 2), the head in Q6_K
+        assert plan["lm_head"] == "Q6_K" and set(plan.values()) == {"Q4_K", "Q6_K"}
+        assert [i for i in range(16) if _more_bits(i, 16)] == [0, 1, 4, 7, 10, 13, 14, 15]
+    model = ouvert.load_model(out)
+    assert isinstance(model.layers[0].mlp.down_proj, BlockLinear) and isinstance(model.embed_tokens, BlockEmbedding)
+    x = torch.tensor([load_tokenizer(tok_dir).encode(TEXT[:200])])
+    with torch.no_grad():
+        ref, y = float_model(x), model(x)
+    assert (y - ref).abs().max() < BLOCK_TOLERANCE[scheme] * (ref.max() - ref.min())
+    # a second save and load gives the same bytes
+    ouvert.save_model(model, tmp_path / "again")
+    for (name, t), u in zip(model.state_dict().items(), ouvert.load_model(tmp_path / "again").state_dict().values()):
+        assert torch.equal(t, u), name
+    # export copies the blocks (q and k rows reordered whole, as llama.cpp wants them): reading the file
+    # back gives the same tensors and the same logits, to the bit
+    gguf_file = export_gguf(out, tmp_path / f"{scheme}.gguf")
+    back = ouvert.load_model(gguf_file)
+    for (name, t), u in zip(model.state_dict().items(), back.state_dict().values()):
+        assert torch.equal(t, u), name
+    with torch.no_grad():
+        assert torch.equal(back(x), y)
+    # llama.cpp runs the file: teacher-forced logits near ours (it multiplies on 8-bit activations)
+    tokens = x[0].tolist()[:48]
+    theirs = _llama_cpp_logits(_llama_cpp_model(gguf_file), tokens)
+    with torch.no_grad():
+        ours = model(torch.tensor([tokens]))[0].numpy()
+    assert np.abs(theirs - ours).max() < 0.03 * (ours.max() - ours.min())
+
+
+def test_export_k_quants_from_float(block_dir, tmp_path):
+    """`--type q4_k_m` on a float checkpoint: ouvert's own k-quant encoder, then the blocks as above."""
+    path = export_gguf(block_dir, tmp_path / "k.gguf", "q4_k_m")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    assert types["blk.0.ffn_up.weight"] == "Q4_K" and types["output.weight"] == "Q6_K"
+    assert types["blk.0.attn_norm.weight"] == "F32"
+    assert _fields(path)["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q4_K_M
+    with pytest.raises(CheckpointError, match="holds GGUF blocks already"):
+        from ouvert.checkpoint.gguf import write_gguf
+
+        write_gguf(ouvert.load_model(path), load_tokenizer(block_dir), tmp_path / "again.gguf", "q8_0")

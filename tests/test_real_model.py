@@ -75,3 +75,23 @@ def test_export_hf_loads_in_transformers_and_round_trips(hf_model, tmp_path):
     second = ouvert.load_model(tmp_path / "again")
     for (name, t), u in zip(first.state_dict().items(), second.state_dict().values()):
         assert torch.equal(t, u), name
+
+
+def test_quantize_a_gguf_file(tmp_path):
+    """`ouvert quantize` of the GGUF file: read dequantized, written in blocks with its tokenizer, named
+    by the file's hash as its parent; its logits near the float32 model's."""
+    import json
+
+    from ouvert.cli import main
+
+    out = tmp_path / "q8"
+    assert main(["quantize", "--model", str(SMOLLM2), "--scheme", "q8_0", "--out", str(out)]) == 0
+    assert (out / "tokenizer.json").is_file()
+    parent = json.loads((out / "ouvert.json").read_text())["parent"]
+    assert parent["file_sha256"] == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+    tok = ouvert.load_tokenizer(out)
+    x = torch.tensor([tok.apply_chat_template(CONVERSATIONS[0], add_generation_prompt=True, tokenize=True)])
+    with torch.no_grad():
+        ref, y = ouvert.load_model(SMOLLM2, dtype=torch.float32)(x), ouvert.load_model(out)(x)
+    assert (y - ref).abs().max() < 0.05 * (ref.max() - ref.min())
+    assert y[0, -1].argmax() == ref[0, -1].argmax()  # "The", ahead by 1.48

@@ -40,6 +40,7 @@ token string and takes about a minute on a 128k vocabulary.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import math
@@ -61,9 +62,17 @@ from ouvert.assets import check_asset
 from ouvert.checkpoint.hf import CheckpointError, assign_weights, build_on_meta
 from ouvert.checkpoint.meta import rope_halves_to_pairs, rope_pairs_to_halves
 from ouvert.config import ConfigError, ModelConfig
-from ouvert.kernels import BY_ID, row_bytes
+from ouvert.kernels import BY_ID, row_bytes, row_values
 from ouvert.model import Transformer
-from ouvert.quantize import KEEP_FLOAT, swap_for_blocks
+from ouvert.quantize import (
+    BLOCK_SCHEMES,
+    KEEP_FLOAT,
+    BlockEmbedding,
+    BlockLinear,
+    block_config,
+    quantize_model,
+    swap_for_blocks,
+)
 
 
 def _gguf():
@@ -182,7 +191,6 @@ def from_gguf(ts: tuple[Tensor, ...], transform: str | None, cfg: ModelConfig) -
 
 # ---- tensor types -------------------------------------------------------------------------------
 TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
-K_QUANTS = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
 _READ_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 
 
@@ -499,23 +507,29 @@ def llama3_rope_factors(cfg: ModelConfig) -> Tensor:
 # ---- export -------------------------------------------------------------------------------------
 
 
-def gguf_tensors(model: Transformer) -> list[tuple[str, Callable[[], Tensor], tuple[int, ...]]]:
-    """(GGUF name, producer, shape) for every tensor the file holds, in file order. Producers run one
-    at a time while writing, so a large model is never held twice."""
+def gguf_tensors(model: Transformer) -> list[tuple[str, Callable[[], Tensor], tuple[int, ...], int | None]]:
+    """(GGUF name, producer, shape, block type) for every tensor the file holds, in file order; the
+    block type (a GGML type id) for a weight the model keeps in GGUF's blocks, whose rows are then
+    copied as they are, else None. Producers run one at a time while writing, so a large model is
+    never held twice."""
     cfg = model.config
     arch = ARCHITECTURES[cfg.model_type]
-    out: list[tuple[str, Callable[[], Tensor], tuple[int, ...]]] = []
+    out: list[tuple[str, Callable[[], Tensor], tuple[int, ...], int | None]] = []
     if (cfg.rope_scaling or {}).get("rope_type") == "llama3":
         factors = llama3_rope_factors(cfg)
-        out.append(("rope_freqs.weight", lambda: factors, tuple(factors.shape)))
+        out.append(("rope_freqs.weight", lambda: factors, tuple(factors.shape), None))
     for name, t in model.state_dict().items():
         if name.startswith("mtp.") or (name == "lm_head.weight" and cfg.tie_word_embeddings):
             continue
         names, transform = gguf_names(name, arch)
+        owner = model.get_submodule(name.rpartition(".")[0])
+        qtype = owner.qtype if isinstance(owner, (BlockLinear, BlockEmbedding)) and name.endswith(".weight") else None
         with torch.device("meta"):
-            shapes = [tuple(x.shape) for x in to_gguf(torch.empty(t.shape), transform, cfg)]
+            shapes = [tuple(x.shape) for x in to_gguf(torch.empty(t.shape, dtype=t.dtype), transform, cfg)]
+        if qtype is not None:  # rows of blocks: the values a row holds, not its bytes
+            shapes = [(*sh[:-1], row_values(t, qtype)) for sh in shapes]
         for k, (gname, shape) in enumerate(zip(names, shapes)):
-            out.append((gname, lambda t=t, transform=transform, k=k: to_gguf(t, transform, cfg)[k], shape))
+            out.append((gname, lambda t=t, transform=transform, k=k: to_gguf(t, transform, cfg)[k], shape, qtype))
     return out
 
 
@@ -525,15 +539,19 @@ def write_gguf(model: Transformer, tokenizer, out: str | Path, type: str = "f16"
     g = _gguf()
     cfg = model.config
     kind = type.lower()
-    if kind in K_QUANTS:
-        raise CheckpointError(
-            f"GGUF type {type!r}: the gguf package cannot write k-quants; export f16 and run llama.cpp's "
-            f"llama-quantize on it (types ouvert writes: {', '.join(TYPES)})"
-        )
-    if kind not in TYPES:
-        raise CheckpointError(f"unknown GGUF type {type!r}; ouvert writes {', '.join(TYPES)}")
+    if kind not in TYPES and kind not in BLOCK_SCHEMES:
+        raise CheckpointError(f"unknown GGUF type {type!r}; ouvert writes "
+                              f"{', '.join(dict.fromkeys(TYPES + BLOCK_SCHEMES))}")
+    holds_blocks = _stored_file_type(model) is not None
+    if holds_blocks and kind not in ("f32", "f16", "bf16"):
+        raise CheckpointError(f"GGUF type {type!r}: the model holds GGUF blocks already, which are written as they "
+                              "are; load it with dtype=torch.float32 to write it in another type")
+    if kind in BLOCK_SCHEMES and kind not in TYPES:  # k-quants: ouvert's own encoder, then the blocks copied
+        model = quantize_model(copy.deepcopy(model), kind)
     arch = _check_exportable(cfg)
-    ftype, want = _file_type(kind)
+    # the float tensors' type; a model in blocks keeps its blocks, and the file says which type they are
+    ftype, want = _file_type(kind if kind in TYPES else "f16")
+    ftype = _stored_file_type(model) or ftype
     tm = tokenizer_meta(tokenizer, cfg)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -543,16 +561,16 @@ def write_gguf(model: Transformer, tokenizer, out: str | Path, type: str = "f16"
         notes = _write_metadata(w, cfg, arch, name or out.stem, ftype)
         _write_tokenizer(w, tm)
         plan = []
-        for gname, produce, shape in gguf_tensors(model):
-            qt = tensor_type(gname, shape, want)
+        for gname, produce, shape, stored_type in gguf_tensors(model):
+            qt = g.GGMLQuantizationType(stored_type) if stored_type is not None else tensor_type(gname, shape, want)
             block, size = g.GGML_QUANT_SIZES[qt]
             w.add_tensor_info(gname, shape, np.dtype(np.float32), math.prod(shape) // block * size, raw_dtype=qt)
-            plan.append((produce, qt))
+            plan.append((produce, qt, stored_type is not None))
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        for produce, qt in plan:
-            w.write_tensor_data(encode_tensor(produce(), qt))
+        for produce, qt, as_stored in plan:
+            w.write_tensor_data(produce().contiguous().numpy() if as_stored else encode_tensor(produce(), qt))
         w.close()
         tmp.replace(out)
     except BaseException:
@@ -567,14 +585,35 @@ def write_gguf(model: Transformer, tokenizer, out: str | Path, type: str = "f16"
     return out
 
 
+def _stored_file_type(model: Transformer):
+    """general.file_type of a model that holds blocks: its most common block type by weights held
+    (Q4_K and Q5_K as their _M mixes), or None for a float model."""
+    g = _gguf()
+    counts: dict[str, int] = {}
+    for m in model.modules():
+        if isinstance(m, (BlockLinear, BlockEmbedding)):
+            t = BY_ID[m.qtype].name
+            counts[t] = counts.get(t, 0) + m.weight.numel()
+    if not counts:
+        return None
+    top = max(counts, key=counts.get)
+    name = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "Q4_K": "MOSTLY_Q4_K_M",
+            "Q5_K": "MOSTLY_Q5_K_M"}.get(top, f"MOSTLY_{top}")
+    return g.LlamaFileType[name]
+
+
 def export_gguf(
-    model_dir: str | Path, out: str | Path, type: str = "f16", tokenizer_dir: str | Path | None = None
+    model_dir: str | Path, out: str | Path, type: str | None = None, tokenizer_dir: str | Path | None = None
 ) -> Path:
     """`ouvert export gguf`: a checkpoint (any that load_model reads) and its tokenizer as one GGUF file."""
     from ouvert.checkpoint.hf import load_model
     from ouvert.tokenizer import load_tokenizer
 
-    model = load_model(model_dir, dtype=torch.float32 if Path(model_dir).suffix == ".gguf" else None)  # requantized
+    # A checkpoint in blocks (`ouvert quantize --scheme q4_k_m`, or a GGUF file) is copied block for
+    # block when no type is asked for; asked for one, it is dequantized and written in that type.
+    model = load_model(model_dir, dtype=torch.float32 if type is not None else None)
+    if type is None:
+        type = "f16"  # a float model's default; a model in blocks keeps them (its other tensors in f16)
     src = Path(model_dir)
     tok_dir = Path(tokenizer_dir) if tokenizer_dir else src
     if not (tok_dir / "tokenizer.json").is_file():
@@ -895,8 +934,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype | None = None, device: str | 
         if cfg.tie_word_embeddings and "embed_tokens" in blocks:
             blocks["lm_head"] = blocks["embed_tokens"]  # the head reads the embedding's blocks
         swap_for_blocks(model, blocks, dtype)
-        cfg.extra["quantization_config"] = {"quant_method": "gguf", "types": sorted(
-            {g.GGMLQuantizationType(q).name for q in blocks.values()})}
+        cfg.extra["quantization_config"] = block_config(model, blocks)
     return assign_weights(model, state, device)
 
 
@@ -987,7 +1025,7 @@ def gguf_tokenizer(path: str | Path):
 
 def _cli_gguf(args: argparse.Namespace) -> None:
     out = export_gguf(args.model, args.out, args.type, args.tokenizer)
-    print(f"wrote {out} ({args.type}, {out.stat().st_size / 2**20:.1f} MiB)")
+    print(f"wrote {out} ({args.type or 'as stored'}, {out.stat().st_size / 2**20:.1f} MiB)")
 
 
 def _cli_hf(args: argparse.Namespace) -> None:
@@ -1003,9 +1041,9 @@ def add_export_parser(sub) -> None:
     p = ex.add_parser("gguf", help="one GGUF file for llama.cpp and Ollama, tokenizer and chat template inside")
     p.add_argument("--model", required=True, help="checkpoint: HF directory, Meta directory or GGUF file")
     p.add_argument("--out", required=True, help="the .gguf file to write")
-    p.add_argument("--type", default="f16", metavar="TYPE",
-                   help=f"tensor type: {', '.join(TYPES)} (default f16); for k-quants run llama.cpp's "
-                        "llama-quantize on an f16 file")
+    p.add_argument("--type", default=None, metavar="TYPE",
+                   help=f"tensor type: {', '.join(dict.fromkeys(TYPES + BLOCK_SCHEMES))}. Default: a checkpoint "
+                        "in GGUF blocks (ouvert quantize, a GGUF file) copies its blocks as they are; a float one f16")
     p.add_argument("--tokenizer", help="directory with tokenizer.json (default: the model's)")
     p.set_defaults(func=_cli_gguf)
     p = ex.add_parser("hf", help="a Hugging Face directory (from Meta's consolidated.*.pth, or a GGUF file)")

@@ -268,7 +268,7 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
                 f"weight_block_size {qc.get('weight_block_size')!r}"
             )
         dtype = dtype or torch.bfloat16
-    elif qc:  # ouvert's int8 / int4: unknown methods and schemes fail here, naming them
+    elif qc and qc.get("quant_method") != "gguf":  # ouvert's int8 / int4: unknown methods and schemes fail here
         from ouvert.quantize import read_quantization_config
 
         read_quantization_config(qc, path / "config.json")
@@ -432,10 +432,6 @@ def save_model(
     own, e.g. full tensors gathered from FSDP shards; `extra(tmp_dir)` writes more files (a
     training state) into the directory before the rename.
     """
-    if (model.config.extra.get("quantization_config") or {}).get("quant_method") == "gguf":
-        raise CheckpointError(f"{path}: this model runs a GGUF file's blocks as stored, which save_model cannot "
-                              "write yet; load the file with dtype=torch.float32 (or bfloat16) to save it")
-
     def write(tmp: Path) -> None:
         _write(model, tmp, tokenizer, max_shard_bytes, state_dict)
         if extra is not None:
@@ -502,7 +498,7 @@ def _write(model: Transformer, out: Path, tokenizer, max_shard_bytes: int, state
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         _write_json(out / "model.safetensors.index.json", index)
     hf = cfg.to_hf()
-    hf["torch_dtype"] = str(tensors["model.embed_tokens.weight"].dtype).removeprefix("torch.")
+    hf["torch_dtype"] = str(model.dtype).removeprefix("torch.")  # the embedding may hold blocks (uint8)
     _write_json(out / "config.json", hf)
     gen = {k: v for k, v in (("bos_token_id", cfg.bos_token_id), ("eos_token_id", cfg.eos_token_id)) if v is not None}
     if tokenizer is not None:
