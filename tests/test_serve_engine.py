@@ -106,6 +106,43 @@ def test_batch_invariance(cfg, tok):
     assert trace(run(Engine(model, tok, max_batch=8, chunk=16), [other])[0]) != alone[0]
 
 
+@pytest.mark.parametrize("scheme", ["q8_0", "q4_1"])
+def test_block_models_decode_live_rows_only(tok, scheme):
+    """A model in GGUF blocks runs every matmul on ouvert's row-invariant kernels, so the engine drops
+    the padding of decode steps: the same traces alone and together, bit for bit, with fewer rows
+    computed than max_batch per step; the twin (torch's matmul) brings the padding back."""
+    from ouvert import kernels
+    from ouvert.quantize import quantize_model
+
+    if not kernels.available():
+        pytest.skip("ouvert's C++ kernels are not built")
+    model = quantize_model(tiny(dict(LLAMA, hidden_size=64, intermediate_size=128)), scheme)
+    ps = prompts(tok)
+
+    def reqs():
+        return [Request(p, 12, temperature=0.0 if i % 2 else 1.0, seed=100 + i, logprobs=0, ignore_eos=True)
+                for i, p in enumerate(ps)]
+
+    def engine():
+        return Engine(model, tok, max_batch=8, chunk=16)
+
+    alone_engines = [engine() for _ in ps]
+    alone = [trace(run(e, [r])[0]) for e, r in zip(alone_engines, reqs())]
+    assert all(e.live_rows_only and e.metrics.decode_batch_rows == e.metrics.decode_rows for e in alone_engines)
+    busy = engine()
+    together = [trace(o) for o in run(busy, reqs())]
+    assert together == alone
+    assert busy.metrics.decode_batch_rows < busy.metrics.decode_steps * 8  # steps shorter than max_batch
+    assert not Engine(tiny(LLAMA), tok, max_batch=8, chunk=16).live_rows_only  # float: padded
+    kernels.use_twin(True)
+    try:
+        padded = engine()
+        run(padded, reqs()[:1])
+        assert padded.metrics.decode_batch_rows == 8 * padded.metrics.decode_steps
+    finally:
+        kernels.use_twin(False)
+
+
 def test_prefix_cache_is_exact(llama, tok):
     """A shared prefix is computed once, reused in whole chunks, and changes no output."""
     system = tok.encode("You are a careful assistant. " * 8)  # > 2 chunks of 16

@@ -736,6 +736,8 @@ def render_metrics(engine: Engine, http_counts: dict) -> str:
     metric("ouvert_slots", "gauge", "Cache slots in the pool.", [("", engine.max_batch)])
     metric("ouvert_decode_steps_total", "counter", "Decode steps run.", [("", m.decode_steps)])
     metric("ouvert_decode_rows_total", "counter", "Requests decoded, summed over decode steps.", [("", m.decode_rows)])
+    metric("ouvert_decode_batch_rows_total", "counter", "Rows computed by decode steps, padding included.",
+           [("", m.decode_batch_rows)])
     metric("ouvert_tokens_per_second", "gauge", "Generated tokens per second over the last 10 s.",
            [("", round(m.tokens_per_second(), 3))])
     cum, samples = 0, []

@@ -9,9 +9,9 @@ A background thread runs steps. Each step
 A request joins the running batch at the next step and leaves it when it finishes.
 
 Batch invariance: a request's tokens with a given seed do not depend on what else runs. On CPU a
-matmul's rounding depends on its shape (a 1-row and an 8-row matmul round a row differently), so
-every forward has a shape that does not depend on the other requests: a decode step always runs
-all `max_batch` slots (idle rows are padding that writes to a scratch column), a prefill chunk
+torch matmul's rounding depends on its shape (a 1-row and an 8-row matmul round a row differently),
+so every forward has a shape that does not depend on the other requests: a decode step runs all
+`max_batch` slots (idle rows are padding that writes to a scratch column), a prefill chunk
 is always `chunk` tokens of one slot (padded at the end), chunks start at multiples of `chunk`,
 and a prefix is reused only in whole chunks, so a reused prefix holds exactly the numbers the
 request would have computed itself. The attention length of a decode step is rounded up to a
@@ -20,6 +20,12 @@ row the same result whatever the extra masked length (tests/test_serve_engine.py
 Mixture-of-experts layers group the batch's tokens by expert, so how many rows an expert's matmul
 has depends on the other requests: the engine sets each Experts' `row_tile`, and experts then run
 in matmuls of exactly ROW_TILE rows. Each request samples with its own torch.Generator.
+
+A model whose every matmul runs on ouvert's kernels (GGUF blocks: a .gguf file as stored, or
+`ouvert quantize --scheme ...`) needs no padding: the kernels sum each row in a fixed order
+whatever the other rows (ouvert/kernels), so a decode step runs only slots [0, highest busy slot],
+and new requests take the lowest free slot. One stream then costs one row, not `max_batch`.
+Float and int8 / int4 models, and mixture-of-experts ones, keep the padding.
 
 This is no second generate: it calls the model's forward with its own cache (serve/cache.py),
 samples with generate.sampling, decodes text with the tokenizer's StreamDecoder.
@@ -41,8 +47,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from ouvert import kernels
 from ouvert.generate.sampling import SamplingParams, sample
 from ouvert.model import Experts
+from ouvert.quantize import BLOCK_KERNEL_MAX_ROWS, BlockLinear
 from ouvert.serve.cache import SlotCache
 
 if TYPE_CHECKING:
@@ -176,6 +184,16 @@ def apply_penalties(logits: Tensor, counts: Tensor, presence: float, frequency: 
     return logits - counts * frequency - (counts > 0).to(logits.dtype) * presence
 
 
+def rows_are_invariant(model, max_batch: int) -> bool:
+    """Whether a decode step of up to max_batch rows gives each row the same numbers whatever the
+    other rows: every linear layer (the head included) is a BlockLinear, which ouvert's kernels run
+    up to BLOCK_KERNEL_MAX_ROWS rows, and no routed experts (their tiles are torch matmuls)."""
+    mods = list(model.modules())
+    linears = [m for m in mods if isinstance(m, (torch.nn.Linear, BlockLinear)) or hasattr(m, "in_features")]
+    return (max_batch <= BLOCK_KERNEL_MAX_ROWS and bool(kernels.available()) and bool(linears)
+            and all(isinstance(m, BlockLinear) for m in linears) and not any(isinstance(m, Experts) for m in mods))
+
+
 class Metrics:
     """Counters the server exports in Prometheus text (api.py renders them)."""
 
@@ -189,6 +207,7 @@ class Metrics:
         self.ttft_counts = [0] * (len(self.TTFT_BUCKETS) + 1)
         self.ttft_sum = 0.0
         self.decode_steps = self.decode_rows = 0
+        self.decode_batch_rows = 0  # rows computed, padding included
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of the last steps
 
     def observe_ttft(self, seconds: float) -> None:
@@ -282,6 +301,7 @@ class Engine:
         self.device = model.embed_tokens.weight.device
         self.vocab_size = cfg.vocab_size
         self.max_batch, self.chunk, self.max_queue = max_batch, chunk, max_queue
+        self.live_rows_only = rows_are_invariant(model, max_batch)  # no padding of decode steps (docstring)
         self.prefill_chunks = prefill_chunks
         length = min(max_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         per_token = SlotCache.bytes_per_token(model)
@@ -442,7 +462,9 @@ class Engine:
         if best and self.slots[src] is None:
             slot = src  # a free slot holds the prefix: continue there
         else:
-            slot = min(free, key=lambda s: (len(self.slot_tokens[s]) > 0, self.slot_used[s]))
+            # the lowest free slot keeps live-rows-only decode steps short; else keep cached prefixes longest
+            slot = min(free) if self.live_rows_only else min(
+                free, key=lambda s: (len(self.slot_tokens[s]) > 0, self.slot_used[s]))
             if best:
                 self.cache.copy_prefix(src, slot, best)
         self.cache.lens[slot] = best
@@ -478,8 +500,9 @@ class Engine:
             self._next_or_fail(seq, logits[0])
 
     def _decode(self) -> None:
-        B = self.max_batch
         rows = [(b, s) for b, s in enumerate(self.slots) if s is not None and s.decoding]
+        invariant = self.live_rows_only and kernels.isa() != "twin"  # the twin is torch's matmul
+        B = rows[-1][0] + 1 if invariant else self.max_batch
         tokens = torch.full((B, 1), self.pad_id, dtype=torch.long)
         write = torch.full((B, 1), self.cache.scratch, dtype=torch.long)
         for b, s in rows:
@@ -494,6 +517,7 @@ class Engine:
         logits = self.model(tokens.to(self.device), positions.to(self.device), self.cache, last_only=True)[:, 0]
         self.metrics.decode_steps += 1
         self.metrics.decode_rows += len(rows)
+        self.metrics.decode_batch_rows += B
         for b, s in rows:
             s.pos += 1
             self._next_or_fail(s, logits[b])
