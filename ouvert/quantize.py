@@ -208,7 +208,8 @@ class BlockLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
 
     def dequantize(self, dtype: torch.dtype | None = None, rows: slice = slice(None)) -> Tensor:
-        w = kernels.dequantize(self.weight[rows], self.qtype)
+        # the kernels' row decoder (the same numbers as the twin's, bit for bit, several times faster)
+        w = kernels.block_rows(self.weight, self.qtype, torch.arange(self.out_features)[rows])
         return w if dtype is None else w.to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
