@@ -257,6 +257,36 @@ def swap_for_blocks(model: nn.Module, types: dict[str, int], dtype: torch.dtype)
         setattr(model.get_submodule(parent) if parent else model, attr, new)
 
 
+FLOAT_ROWS = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+def float_rows_view(model: nn.Module) -> nn.Module | None:
+    """The same model with every float nn.Linear run by ouvert's kernels over its own rows (a
+    BlockLinear of type F32 / BF16 / F16 whose weight is a uint8 view of the float weight: nothing is
+    copied, the original model is left as it is), so that a decode step of up to
+    BLOCK_KERNEL_MAX_ROWS rows gives each row the same numbers whatever the others (the serving
+    engine's live-rows-only decode). None where that cannot hold: routed experts (torch matmuls on
+    expert tiles), MLA (its absorbed decode reads kv_b_proj's weight directly), int8 / int4 layers."""
+    import copy
+
+    mods = list(model.modules())
+    if any(isinstance(m, (Experts, *QUANTIZED)) for m in mods) or getattr(model.config, "kv_lora_rank", None):
+        return None
+    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and m.weight.dtype in FLOAT_ROWS]
+    if not names:
+        return None
+    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}  # modules copied, tensors shared
+    view = copy.deepcopy(model, shared)
+    for name in names:
+        lin = view.get_submodule(name)
+        b = BlockLinear(lin.in_features, lin.out_features, FLOAT_ROWS[lin.weight.dtype], lin.bias is not None,
+                        dtype=lin.weight.dtype, device="meta")
+        b.weight = lin.weight.detach().contiguous().view(torch.uint8)  # (out, in * bytes): the same memory
+        b.bias = lin.bias
+        view.set_submodule(name, b)
+    return view
+
+
 # ---- GGUF's block formats written from float weights (ouvert/kernels/encode.py) ------------------
 
 # `ouvert quantize --scheme` values that write block formats, and the type of each tensor they give:

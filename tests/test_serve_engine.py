@@ -99,8 +99,11 @@ def test_batch_invariance(cfg, tok):
                 for i, p in enumerate(ps)]
 
     alone = [trace(run(Engine(model, tok, max_batch=8, chunk=16), [r])[0]) for r in reqs()]
-    together = [trace(o) for o in run(Engine(model, tok, max_batch=8, chunk=16), reqs())]
+    busy = Engine(model, tok, max_batch=8, chunk=16)
+    together = [trace(o) for o in run(busy, reqs())]
     assert together == alone
+    # the dense model decodes its live rows only (float rows on ouvert's kernels); MoE pads to max_batch
+    assert busy.live_rows_only == (cfg is LLAMA)
     # and the seeds matter
     other = Request(ps[0], 16, seed=999, logprobs=0, ignore_eos=True)
     assert trace(run(Engine(model, tok, max_batch=8, chunk=16), [other])[0]) != alone[0]
@@ -110,9 +113,10 @@ def test_batch_invariance(cfg, tok):
 def test_block_models_decode_live_rows_only(tok, scheme):
     """A model in GGUF blocks runs every matmul on ouvert's row-invariant kernels, so the engine drops
     the padding of decode steps: the same traces alone and together, bit for bit, with fewer rows
-    computed than max_batch per step; the twin (torch's matmul) brings the padding back."""
+    computed than max_batch per step; the twin (torch's matmul) brings the padding back. (Without
+    the padding, the twin's float products give different traces: checked by hand.)"""
     from ouvert import kernels
-    from ouvert.quantize import quantize_model
+    from ouvert.quantize import BlockLinear, quantize_model
 
     if not kernels.available():
         pytest.skip("ouvert's C++ kernels are not built")
@@ -133,7 +137,14 @@ def test_block_models_decode_live_rows_only(tok, scheme):
     together = [trace(o) for o in run(busy, reqs())]
     assert together == alone
     assert busy.metrics.decode_batch_rows < busy.metrics.decode_steps * 8  # steps shorter than max_batch
-    assert not Engine(tiny(LLAMA), tok, max_batch=8, chunk=16).live_rows_only  # float: padded
+    # a dense float model is served through the kernels over its float rows, leaving the model as it is;
+    # MLA and MoE models keep the padding
+    dense = tiny(LLAMA)
+    e = Engine(dense, tok, max_batch=8, chunk=16)
+    assert e.live_rows_only and isinstance(e.model.lm_head, BlockLinear) and type(dense.lm_head) is torch.nn.Linear
+    assert e.model.lm_head.weight.data_ptr() == dense.lm_head.weight.data_ptr()  # no copy
+    assert not Engine(tiny(MLA), tok, max_batch=8, chunk=16).live_rows_only
+    assert not Engine(tiny(MOE), tok, max_batch=8, chunk=16).live_rows_only
     kernels.use_twin(True)
     try:
         padded = engine()

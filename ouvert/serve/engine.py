@@ -21,11 +21,14 @@ Mixture-of-experts layers group the batch's tokens by expert, so how many rows a
 has depends on the other requests: the engine sets each Experts' `row_tile`, and experts then run
 in matmuls of exactly ROW_TILE rows. Each request samples with its own torch.Generator.
 
-A model whose every matmul runs on ouvert's kernels (GGUF blocks: a .gguf file as stored, or
-`ouvert quantize --scheme ...`) needs no padding: the kernels sum each row in a fixed order
-whatever the other rows (ouvert/kernels), so a decode step runs only slots [0, highest busy slot],
-and new requests take the lowest free slot. One stream then costs one row, not `max_batch`.
-Float and int8 / int4 models, and mixture-of-experts ones, keep the padding.
+A model whose every matmul runs on ouvert's kernels needs no padding: the kernels sum each row in
+a fixed order whatever the other rows (ouvert/kernels), so a decode step runs only slots
+[0, highest busy slot], and new requests take the lowest free slot. One stream then costs one row,
+not `max_batch`. GGUF blocks run there as they are (a .gguf file, `ouvert quantize --scheme ...`);
+a dense float model is served through a view of itself whose linear layers are the kernels over
+their own float rows (quantize.float_rows_view: no weight is copied; sums in the kernels' order,
+so logits differ from generate()'s by float rounding). int8 / int4 models, MLA and
+mixture-of-experts models, and the PyTorch twin keep the padding.
 
 This is no second generate: it calls the model's forward with its own cache (serve/cache.py),
 samples with generate.sampling, decodes text with the tokenizer's StreamDecoder.
@@ -50,7 +53,7 @@ from torch import Tensor
 from ouvert import kernels
 from ouvert.generate.sampling import SamplingParams, sample
 from ouvert.model import Experts
-from ouvert.quantize import BLOCK_KERNEL_MAX_ROWS, BlockLinear
+from ouvert.quantize import BLOCK_KERNEL_MAX_ROWS, BlockLinear, float_rows_view
 from ouvert.serve.cache import SlotCache
 
 if TYPE_CHECKING:
@@ -184,6 +187,10 @@ def apply_penalties(logits: Tensor, counts: Tensor, presence: float, frequency: 
     return logits - counts * frequency - (counts > 0).to(logits.dtype) * presence
 
 
+def _on_cpu(model) -> bool:
+    return model.embed_tokens.weight.device.type == "cpu"
+
+
 def rows_are_invariant(model, max_batch: int) -> bool:
     """Whether a decode step of up to max_batch rows gives each row the same numbers whatever the
     other rows: every linear layer (the head included) is a BlockLinear, which ouvert's kernels run
@@ -293,7 +300,11 @@ class Engine:
         cache_memory: int | None = None,
         stop_token_ids: list[int] | None = None,
     ):
-        self.model, self.tokenizer = model.eval(), tokenizer
+        self.tokenizer = tokenizer
+        # a float dense model is served through ouvert's kernels over its own float rows (no copy), so
+        # that decode steps need no padding (module docstring)
+        view = float_rows_view(model) if max_batch <= BLOCK_KERNEL_MAX_ROWS and kernels.available() else None
+        self.model = model = (view if view is not None and _on_cpu(model) else model).eval()
         for m in model.modules():
             if isinstance(m, Experts):
                 m.row_tile = ROW_TILE  # batch invariance for MoE (module docstring)
