@@ -143,6 +143,17 @@ HELD_OUT_QUESTIONS = [  # open questions the training set never asks; some in Sp
     "Write a short poem about the sea.", "¿Qué es un volcán?", "¿Dónde viven los pingüinos?",
     "Was ist Musik?", "Wie spät ist es?",
 ]
+RL_QUESTIONS = [  # GRPO's prompts: no answers needed (the reward checks the language), none held out
+    "What is a river?", "Describe your ideal holiday.", "What is the sun made of?", "How do airplanes fly?",
+    "What is a good breakfast?", "Why do we sleep?", "What is chess?", "Tell me about the ocean.",
+    "How do I plant a tree?", "What is a library?", "Describe a forest in spring.", "What is electricity?",
+    "What is the internet?", "How are you today?", "Give me advice for a job interview.", "What is a poem?",
+    "Why is exercise important?", "What is a museum?", "How does a bicycle work?", "What is bread made of?",
+    "Describe a city at night.", "What is a mountain?", "Who invented the telephone?", "What is snow?",
+    "How do bees make honey?", "What is a good name for a cat?", "Explain gravity simply.", "What is a star?",
+    "Tell me a fun fact.", "What do cows eat?", "How many seasons are there?", "What is a guitar?",
+    "¿Qué es el sol?", "¿Cómo se hace el pan?", "Was ist ein Baum?", "Wie heißt du?",
+]
 N_HELD_CAPITALS, N_HELD_COLOURS, N_HELD_OPPOSITES = 8, 5, 4
 
 
@@ -216,14 +227,13 @@ def names_answer(text: str, example: dict) -> bool:
 
 
 def write_data(out: Path, seed: int = 0, n_train: int | None = None, n_held: int | None = None) -> dict[str, Path]:
-    """sft.jsonl (conversations), rl.jsonl (their questions, as GRPO prompts), held_out.jsonl."""
+    """sft.jsonl (conversations), rl.jsonl (GRPO's prompts: RL_QUESTIONS), held_out.jsonl."""
     rows, held = chat_set(seed)
     rows, held = rows[:n_train], held if n_held is None else _spread(held, n_held)
     out.mkdir(parents=True, exist_ok=True)
     files = {"sft": out / "sft.jsonl", "rl": out / "rl.jsonl", "held_out": out / "held_out.jsonl"}
     files["sft"].write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    files["rl"].write_text("".join(json.dumps({"prompt": r["messages"][0]["content"]}, ensure_ascii=False) + "\n"
-                                   for r in rows))
+    files["rl"].write_text("".join(json.dumps({"prompt": q}, ensure_ascii=False) + "\n" for q in RL_QUESTIONS))
     files["held_out"].write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in held))
     return files
 
@@ -261,7 +271,7 @@ def measure(model, tok, held: list[dict], max_new_tokens: int = 48, batch: int =
             "replies": [{"prompt": e["prompt"], "reply": r} for e, r in zip(held, replies)]}
 
 
-def run(out: Path, model: Path = SMOLLM2, sft_steps: int = 60, grpo_steps: int = 20, seed: int = 0,
+def run(out: Path, model: Path = SMOLLM2, sft_steps: int = 10, grpo_steps: int = 20, seed: int = 0,
         n_train: int | None = None, n_held: int | None = None, progress: bool = True, export: bool = True,
         lora_rank: int = 16, sft_batch: int = 8, grpo_batch: int = 4, grpo_group: int = 4,
         max_new_tokens: int = 32) -> dict:
@@ -334,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/french")
     ap.add_argument("--model", default=str(SMOLLM2), help="the real model (default: the fetched SmolLM2 GGUF)")
-    ap.add_argument("--sft-steps", type=int, default=60)
+    ap.add_argument("--sft-steps", type=int, default=10)
     ap.add_argument("--grpo-steps", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
