@@ -20,6 +20,9 @@ CONVERSATIONS = [
      {"role": "user", "content": "Hello! How are you?"},
      {"role": "assistant", "content": "Très bien, merci."},
      {"role": "user", "content": "Écris un haïku sur la mer 🌊, s'il te plaît."}],
+    [{"role": "user", "content": "用一句话介绍巴黎。"},
+     {"role": "assistant", "content": "Paris est la capitale de la France."},
+     {"role": "user", "content": "And in code? `print(\"Paris\")`\n\tThanks!"}],
 ]
 
 
