@@ -251,15 +251,23 @@ class MLAttention(nn.Module):
         """Attend over the cached latent [c_kv | k_rope] (B, S, r + rope) without expanding it."""
         B, H, T, _ = q_nope.shape
         r = self.kv_lora_rank
-        w = self.kv_b_proj.weight.view(H, self.nope + self.v_dim, r)
-        w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]  # (H, nope, r), (H, v, r)
-        q_lat = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk)  # (B, H, T, r)
-        q = torch.cat([q_lat, q_pe], dim=-1)  # (B, H, T, r + rope): q.k = q_nope.k_nope + q_pe.k_pe
+        q = torch.cat([self.absorb_query(q_nope), q_pe], dim=-1)  # (B, H, T, r + rope): q.k = q_nope.k_nope + q_pe.k_pe
         k = latent.unsqueeze(1)  # (B, 1, S, r + rope): one "head" shared by all queries
         v = latent[..., :r].unsqueeze(1)  # (B, 1, S, r)
         o = attend(q, k, v, mask, False, self.scale)  # (B, H, T, r)
-        y = torch.einsum("bhtr,hvr->bthv", o, w_uv)  # (B, T, H, v)
-        return self.o_proj(y.reshape(B, T, -1))
+        return self.o_proj(self.absorb_output(o).reshape(B, T, -1))
+
+    def _kv_b_halves(self) -> tuple[Tensor, Tensor]:
+        w = self.kv_b_proj.weight.view(self.n_head, self.nope + self.v_dim, self.kv_lora_rank)
+        return w[:, : self.nope], w[:, self.nope :]  # (H, nope, r), (H, v, r)
+
+    def absorb_query(self, q_nope: Tensor) -> Tensor:
+        """q_nope (B, H, T, nope) through kv_b_proj's key half of each head: (B, H, T, r)."""
+        return torch.einsum("bhtd,hdr->bhtr", q_nope, self._kv_b_halves()[0])
+
+    def absorb_output(self, o: Tensor) -> Tensor:
+        """Attention over the latent (B, H, T, r) through kv_b_proj's value half of each head: (B, T, H, v)."""
+        return torch.einsum("bhtr,hvr->bthv", o, self._kv_b_halves()[1])
 
 
 # ---- feed-forward ---------------------------------------------------------------------------
@@ -364,6 +372,12 @@ def sorted_dispatch(x: Tensor, expert_idx: Tensor, weight: Tensor, n_experts: in
     return y, counts
 
 
+def last_axis_sum(t: Tensor) -> Tensor:
+    """Sum over the last axis, left to right: a row's sum does not depend on how many rows there are
+    (torch's sum vectorizes a short axis differently by shape), which batch invariance needs."""
+    return sum(t.unbind(-1))
+
+
 class Router(nn.Module):
     """Chooses num_experts_per_tok experts for each token (DeepSeek-V2 §2.2, V3 §2.1.2).
 
@@ -387,16 +401,22 @@ class Router(nn.Module):
         if self.topk_method == "noaux_tc":
             self.register_buffer("e_score_correction_bias", torch.zeros(E))
 
+    def logits(self, x: Tensor) -> Tensor:
+        """x (..., D) -> the experts' affinity logits (..., E), in float32."""
+        return F.linear(x.float(), self.weight.float())
+
+    def scores(self, logits: Tensor) -> Tensor:
+        return logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x (N, D) -> expert indices (N, k), gate weights (N, k) in float32."""
-        logits = F.linear(x.float(), self.weight.float())  # (N, E), routing in float32
-        scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        scores = self.scores(self.logits(x))
         choice = scores + self.e_score_correction_bias if self.topk_method == "noaux_tc" else scores
         if self.topk_method in ("noaux_tc", "group_limited_greedy") and self.n_group > 1:
             N, E = choice.shape
             groups = choice.view(N, self.n_group, E // self.n_group)
             if self.topk_method == "noaux_tc":
-                group_score = groups.topk(2, dim=-1).values.sum(dim=-1)  # (N, n_group)
+                group_score = last_axis_sum(groups.topk(2, dim=-1).values)  # (N, n_group)
             else:
                 group_score = groups.amax(dim=-1)
             keep = group_score.topk(self.topk_group, dim=-1).indices
@@ -407,7 +427,7 @@ class Router(nn.Module):
         idx = choice.topk(self.top_k, dim=-1, sorted=False).indices
         weight = scores.gather(1, idx)
         if self.top_k > 1 and self.norm_topk_prob:
-            weight = weight / (weight.sum(dim=-1, keepdim=True) + 1e-20)
+            weight = weight / (last_axis_sum(weight).unsqueeze(-1) + 1e-20)
             if self.topk_method != "noaux_tc":
                 return idx, weight  # DeepSeek-V2: normalised weights are not scaled again
         return idx, weight * self.routed_scaling_factor
@@ -445,8 +465,8 @@ class MoE(nn.Module):
         normalised affinity. x (B, T, D), idx (B, T, k)."""
         B, T, _ = x.shape
         E, k = self.gate.weight.shape[0], idx.shape[-1]
-        logits = F.linear(x.float(), self.gate.weight.float())  # (B, T, E)
-        s = logits.sigmoid() if self.gate.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        logits = self.gate.logits(x)  # (B, T, E)
+        s = self.gate.scores(logits)
         p = (s / s.sum(dim=-1, keepdim=True)).mean(dim=1)  # (B, E)
         ones = torch.ones(B, T * k, device=x.device)
         chosen = torch.zeros(B, E, device=x.device).scatter_add_(1, idx.reshape(B, -1), ones)

@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ouvert import kernels
-from ouvert.model import Experts, expert_counts, sorted_dispatch
+from ouvert.model import Experts, MLAttention, Router, expert_counts, sorted_dispatch
 
 QUANT_METHOD = "ouvert"
 SCHEMES = ("int8", "int4")
@@ -244,6 +244,81 @@ class BlockEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, {kernels.block_type(self.qtype).name} blocks"
 
 
+class BlockExperts(Experts):
+    """Routed experts with each projection stacked in one block format, as a GGUF file stores them
+    (ffn_gate_exps, ...): for w in gate_proj, up_proj, down_proj, `w` uint8 (E, out, bytes per row)
+    of type qtypes[w]. An expert's product runs on ouvert's kernels, whose rows do not depend on the
+    other rows, so tiles (row_tile) are needed only where the twin stands in for them."""
+
+    def __init__(self, n: int, dim: int, hidden: int, qtypes: dict[str, int | str], dtype=torch.float32,
+                 device=None):
+        nn.Module.__init__(self)  # not Experts': no float parameters
+        self.n_experts, self.row_tile, self.out_dtype = n, None, dtype
+        self.qtypes = {w: kernels.block_type(t).id for w, t in qtypes.items()}
+        for w, (out_f, in_f) in expert_shapes(dim, hidden).items():
+            t = kernels.block_type(self.qtypes[w])
+            if in_f % t.values:
+                raise QuantizeError(f"experts' {w}: {t.name} needs rows divisible by {t.values}, got {in_f}")
+            self.register_buffer(w, torch.empty(n, out_f, kernels.row_bytes(t.id, in_f), dtype=torch.uint8,
+                                                device=device))
+
+    def weights(self, w: str, idx, dtype: torch.dtype | None = None) -> Tensor:
+        blocks = getattr(self, w)[idx]  # (..., out, bytes)
+        flat = blocks.reshape(-1, blocks.shape[-1]).contiguous()
+        rows = kernels.block_rows(flat, self.qtypes[w], torch.arange(flat.shape[0]))
+        return rows.view(*blocks.shape[:-1], -1).to(dtype or self.out_dtype)
+
+    def proj(self, w: str, e: int, x: Tensor) -> Tensor:
+        if x.numel() // x.shape[-1] <= BLOCK_KERNEL_MAX_ROWS:
+            return kernels.block_matmul(x, getattr(self, w)[e], self.qtypes[w])
+        return x @ self.weights(w, e, x.dtype).T
+
+    def forward(self, x: Tensor, expert_idx: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+        tile = self.row_tile if kernels.isa() == "twin" else None  # the kernels need no tiles
+        return sorted_dispatch(x, expert_idx, weight, self.n_experts, self.expert, tile)
+
+    def extra_repr(self) -> str:
+        types = ", ".join(f"{w} {kernels.block_type(t).name}" for w, t in self.qtypes.items())
+        return f"n_experts={self.n_experts}, {types} blocks"
+
+
+class BlockRouter(Router):
+    """A Router whose affinities run on ouvert's kernels over its float rows (`rows`, a uint8 view
+    of its weight, of type `qtype`): row-invariant, as the serving engine's decode needs."""
+
+    rows: Tensor
+    qtype: int
+
+    def logits(self, x: Tensor) -> Tensor:
+        return kernels.block_matmul(x.float(), self.rows, self.qtype)
+
+    def scores(self, logits: Tensor) -> Tensor:
+        # torch's elementwise kernels take a tensor in steps of 32 floats and the remainder in scalar
+        # code, whose sigmoid rounds differently: whole steps in every row keep rows invariant
+        if self.scoring_func != "sigmoid":
+            return super().scores(logits)  # softmax works row by row
+        E = logits.shape[-1]
+        return super().scores(F.pad(logits, (0, -E % 32)))[..., :E]
+
+
+class BlockMLAttention(MLAttention):
+    """MLA whose absorbed decode multiplies by kv_b_proj's halves head by head on ouvert's kernels:
+    `uk_rows` (H, r, nope) is the key half transposed (a copy, kv_lora_rank x qk_nope_head_dim per
+    head), `uv_rows` (H, v, r) the value half, a view of kv_b_proj's rows; both of type `qtype`."""
+
+    uk_rows: Tensor
+    uv_rows: Tensor
+    qtype: int
+
+    def absorb_query(self, q_nope: Tensor) -> Tensor:
+        heads = [kernels.block_matmul(q_nope[:, h], self.uk_rows[h], self.qtype) for h in range(self.n_head)]
+        return torch.stack(heads, dim=1)
+
+    def absorb_output(self, o: Tensor) -> Tensor:
+        heads = [kernels.block_matmul(o[:, h], self.uv_rows[h], self.qtype) for h in range(self.n_head)]
+        return torch.stack(heads, dim=2)
+
+
 def swap_for_blocks(model: nn.Module, types: dict[str, int], dtype: torch.dtype) -> None:
     """Put BlockLinear / BlockEmbedding in place of the nn.Linear / nn.Embedding named in `types`
     (module name -> GGML type), on the meta device, before the blocks are assigned."""
@@ -261,30 +336,54 @@ FLOAT_ROWS = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"
 
 
 def float_rows_view(model: nn.Module) -> nn.Module | None:
-    """The same model with every float nn.Linear run by ouvert's kernels over its own rows (a
-    BlockLinear of type F32 / BF16 / F16 whose weight is a uint8 view of the float weight: nothing is
-    copied, the original model is left as it is), so that a decode step of up to
-    BLOCK_KERNEL_MAX_ROWS rows gives each row the same numbers whatever the others (the serving
-    engine's live-rows-only decode). None where that cannot hold: routed experts (torch matmuls on
-    expert tiles), MLA (its absorbed decode reads kv_b_proj's weight directly), int8 / int4 layers."""
+    """The same model with every float product run by ouvert's kernels over its own rows, so that a
+    decode step of up to BLOCK_KERNEL_MAX_ROWS rows gives each row the same numbers whatever the
+    others (the serving engine's live-rows-only decode). Linear layers become BlockLinear of type
+    F32 / BF16 / F16, routed experts BlockExperts, routers BlockRouter, MLA BlockMLAttention, each
+    over a uint8 view of the float weights: nothing is copied but MLA's transposed key half, and the
+    original model is left as it is. None where that cannot hold: int8 / int4 layers."""
     import copy
 
-    mods = list(model.modules())
-    if any(isinstance(m, (Experts, *QUANTIZED)) for m in mods) or getattr(model.config, "kv_lora_rank", None):
+    if any(isinstance(m, QUANTIZED) for m in model.modules()):
         return None
-    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and m.weight.dtype in FLOAT_ROWS]
+    kinds = (nn.Linear, Experts, Router, MLAttention)
+    names = [n for n, m in model.named_modules() if type(m) in kinds and _float_weight(m) in FLOAT_ROWS]
     if not names:
         return None
     shared = {id(t): t for t in (*model.parameters(), *model.buffers())}  # modules copied, tensors shared
     view = copy.deepcopy(model, shared)
     for name in names:
-        lin = view.get_submodule(name)
-        b = BlockLinear(lin.in_features, lin.out_features, FLOAT_ROWS[lin.weight.dtype], lin.bias is not None,
-                        dtype=lin.weight.dtype, device="meta")
-        b.weight = lin.weight.detach().contiguous().view(torch.uint8)  # (out, in * bytes): the same memory
-        b.bias = lin.bias
-        view.set_submodule(name, b)
+        m = view.get_submodule(name)
+        qtype = kernels.block_type(FLOAT_ROWS[_float_weight(m)]).id
+        if type(m) is nn.Linear:
+            b = BlockLinear(m.in_features, m.out_features, qtype, m.bias is not None, dtype=m.weight.dtype,
+                            device="meta")
+            b.weight, b.bias = _rows(m.weight), m.bias
+            view.set_submodule(name, b)
+        elif type(m) is Experts:
+            dim, hidden = m.down_proj.shape[1], m.down_proj.shape[2]
+            b = BlockExperts(m.n_experts, dim, hidden, dict.fromkeys(EXPERT_PROJS, qtype), m.down_proj.dtype,
+                             device="meta")
+            for w in EXPERT_PROJS:
+                setattr(b, w, _rows(getattr(m, w)))
+            view.set_submodule(name, b)
+        elif type(m) is Router:  # the copy becomes its kernel subclass: same tensors, another product
+            m.__class__, m.rows, m.qtype = BlockRouter, _rows(m.weight), qtype
+        else:  # MLAttention, whose kv_b_proj is among the linears (the naive path, prefill)
+            w_uk, w_uv = m._kv_b_halves()
+            m.__class__, m.qtype = BlockMLAttention, qtype
+            m.uk_rows, m.uv_rows = _rows(w_uk.transpose(1, 2)), _rows(w_uv)
     return view
+
+
+def _float_weight(m: nn.Module) -> torch.dtype | None:
+    w = m.down_proj if isinstance(m, Experts) else m.kv_b_proj.weight if isinstance(m, MLAttention) else m.weight
+    return w.dtype
+
+
+def _rows(w: Tensor) -> Tensor:
+    """Float rows as the kernels read them: a uint8 view (no copy where w is contiguous)."""
+    return w.detach().contiguous().view(torch.uint8)
 
 
 # ---- GGUF's block formats written from float weights (ouvert/kernels/encode.py) ------------------

@@ -11,7 +11,7 @@ import jsonschema
 import pytest
 import torch
 
-from ouvert import ModelConfig, Transformer, load_tokenizer
+from ouvert import ModelConfig, Transformer, kernels, load_tokenizer
 from ouvert.generate import generate
 from ouvert.generate.sampling import MIN_TEMPERATURE, SamplingParams, sample
 from ouvert.serve.engine import Engine, QueueFull, Request, StopStrings
@@ -102,8 +102,10 @@ def test_batch_invariance(cfg, tok):
     busy = Engine(model, tok, max_batch=8, chunk=16)
     together = [trace(o) for o in run(busy, reqs())]
     assert together == alone
-    # the dense model decodes its live rows only (float rows on ouvert's kernels); MoE pads to max_batch
-    assert busy.live_rows_only == (cfg is LLAMA)
+    # both decode their live rows only (every product on ouvert's kernels over the float rows: MLA's
+    # absorbed heads, the routers and the expert tiles too), never padding to max_batch
+    if kernels.available():
+        assert busy.live_rows_only and busy.metrics.decode_batch_rows < busy.metrics.decode_steps * 8
     # and the seeds matter
     other = Request(ps[0], 16, seed=999, logprobs=0, ignore_eos=True)
     assert trace(run(Engine(model, tok, max_batch=8, chunk=16), [other])[0]) != alone[0]
@@ -115,8 +117,9 @@ def test_block_models_decode_live_rows_only(tok, scheme):
     the padding of decode steps: the same traces alone and together, bit for bit, with fewer rows
     computed than max_batch per step; the twin (torch's matmul) brings the padding back. (Without
     the padding, the twin's float products give different traces: checked by hand.)"""
-    from ouvert import kernels
-    from ouvert.quantize import BlockLinear, quantize_model
+
+    from ouvert.model import Router
+    from ouvert.quantize import BlockExperts, BlockLinear, BlockMLAttention, BlockRouter, quantize_model
 
     if not kernels.available():
         pytest.skip("ouvert's C++ kernels are not built")
@@ -138,13 +141,18 @@ def test_block_models_decode_live_rows_only(tok, scheme):
     assert together == alone
     assert busy.metrics.decode_batch_rows < busy.metrics.decode_steps * 8  # steps shorter than max_batch
     # a dense float model is served through the kernels over its float rows, leaving the model as it is;
-    # MLA and MoE models keep the padding
+    # MLA and MoE models too (their routed experts, routers and absorbed heads over their float rows)
     dense = tiny(LLAMA)
     e = Engine(dense, tok, max_batch=8, chunk=16)
     assert e.live_rows_only and isinstance(e.model.lm_head, BlockLinear) and type(dense.lm_head) is torch.nn.Linear
     assert e.model.lm_head.weight.data_ptr() == dense.lm_head.weight.data_ptr()  # no copy
-    assert not Engine(tiny(MLA), tok, max_batch=8, chunk=16).live_rows_only
-    assert not Engine(tiny(MOE), tok, max_batch=8, chunk=16).live_rows_only
+    moe = tiny(MOE)
+    e = Engine(moe, tok, max_batch=8, chunk=16)
+    experts, router = e.model.layers[1].mlp.experts, e.model.layers[1].mlp.gate
+    assert e.live_rows_only and isinstance(experts, BlockExperts) and isinstance(router, BlockRouter)
+    assert isinstance(e.model.layers[0].self_attn, BlockMLAttention) and type(moe.layers[1].mlp.gate) is Router
+    assert experts.up_proj.data_ptr() == moe.layers[1].mlp.experts.up_proj.data_ptr()
+    assert not Engine(tiny(MOE), tok, max_batch=65, chunk=16).live_rows_only  # beyond the kernels' rows
     kernels.use_twin(True)
     try:
         padded = engine()

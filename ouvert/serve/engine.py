@@ -18,8 +18,9 @@ request would have computed itself. The attention length of a decode step is rou
 multiple of `chunk` over the longest running request; scaled_dot_product_attention gives each
 row the same result whatever the extra masked length (tests/test_serve_engine.py checks both).
 Mixture-of-experts layers group the batch's tokens by expert, so how many rows an expert's matmul
-has depends on the other requests: the engine sets each Experts' `row_tile`, and experts then run
-in matmuls of exactly ROW_TILE rows. Each request samples with its own torch.Generator.
+has depends on the other requests: where torch multiplies, the engine sets each Experts' `row_tile`,
+and experts then run in matmuls of exactly ROW_TILE rows. Each request samples with its own
+torch.Generator.
 
 A model whose every matmul runs on ouvert's kernels needs no padding: the kernels sum each row in
 a fixed order whatever the other rows (ouvert/kernels), so a decode step runs only slots
@@ -27,8 +28,9 @@ a fixed order whatever the other rows (ouvert/kernels), so a decode step runs on
 not `max_batch`. GGUF blocks run there as they are (a .gguf file, `ouvert quantize --scheme ...`);
 a dense float model is served through a view of itself whose linear layers are the kernels over
 their own float rows (quantize.float_rows_view: no weight is copied; sums in the kernels' order,
-so logits differ from generate()'s by float rounding). int8 / int4 models, MLA and
-mixture-of-experts models, and the PyTorch twin keep the padding.
+so logits differ from generate()'s by float rounding). That covers DeepSeek's parts too: MLA's
+absorbed heads, the routers, and the routed experts, which then need no tiles. int8 / int4 models
+and the PyTorch twin keep the padding.
 
 This is no second generate: it calls the model's forward with its own cache (serve/cache.py),
 samples with generate.sampling, decodes text with the tokenizer's StreamDecoder.
@@ -52,8 +54,9 @@ from torch import Tensor
 
 from ouvert import kernels
 from ouvert.generate.sampling import SamplingParams, sample
-from ouvert.model import Experts
-from ouvert.quantize import BLOCK_KERNEL_MAX_ROWS, BlockLinear, float_rows_view
+from ouvert.model import Experts, MLAttention, Router
+from ouvert.quantize import (BLOCK_KERNEL_MAX_ROWS, BlockExperts, BlockLinear, BlockMLAttention, BlockRouter,
+                             float_rows_view)
 from ouvert.serve.cache import SlotCache
 
 if TYPE_CHECKING:
@@ -193,12 +196,13 @@ def _on_cpu(model) -> bool:
 
 def rows_are_invariant(model, max_batch: int) -> bool:
     """Whether a decode step of up to max_batch rows gives each row the same numbers whatever the
-    other rows: every linear layer (the head included) is a BlockLinear, which ouvert's kernels run
-    up to BLOCK_KERNEL_MAX_ROWS rows, and no routed experts (their tiles are torch matmuls)."""
-    mods = list(model.modules())
-    linears = [m for m in mods if isinstance(m, (torch.nn.Linear, BlockLinear)) or hasattr(m, "in_features")]
-    return (max_batch <= BLOCK_KERNEL_MAX_ROWS and bool(kernels.available()) and bool(linears)
-            and all(isinstance(m, BlockLinear) for m in linears) and not any(isinstance(m, Experts) for m in mods))
+    other rows: every product runs on ouvert's kernels, which take up to BLOCK_KERNEL_MAX_ROWS rows
+    (linear layers and the head as BlockLinear; routed experts, routers and MLA's absorbed decode as
+    their block subclasses, which float_rows_view puts in)."""
+    on_kernels = (BlockLinear, BlockExperts, BlockRouter, BlockMLAttention)
+    products = [m for m in model.modules() if isinstance(m, (Experts, Router, MLAttention)) or hasattr(m, "in_features")]
+    return (max_batch <= BLOCK_KERNEL_MAX_ROWS and bool(kernels.available()) and bool(products)
+            and all(isinstance(m, on_kernels) for m in products))
 
 
 class Metrics:
@@ -307,7 +311,7 @@ class Engine:
         self.model = model = (view if view is not None and _on_cpu(model) else model).eval()
         for m in model.modules():
             if isinstance(m, Experts):
-                m.row_tile = ROW_TILE  # batch invariance for MoE (module docstring)
+                m.row_tile = ROW_TILE  # batch invariance for MoE where torch multiplies (module docstring)
         cfg = model.config
         self.device = model.embed_tokens.weight.device
         self.vocab_size = cfg.vocab_size
