@@ -55,8 +55,14 @@ from torch import Tensor
 from ouvert import kernels
 from ouvert.generate.sampling import SamplingParams, sample
 from ouvert.model import Experts, MLAttention, Router
-from ouvert.quantize import (BLOCK_KERNEL_MAX_ROWS, BlockExperts, BlockLinear, BlockMLAttention, BlockRouter,
-                             float_rows_view)
+from ouvert.quantize import (
+    BLOCK_KERNEL_MAX_ROWS,
+    BlockExperts,
+    BlockLinear,
+    BlockMLAttention,
+    BlockRouter,
+    float_rows_view,
+)
 from ouvert.serve.cache import SlotCache
 
 if TYPE_CHECKING:
@@ -200,7 +206,8 @@ def rows_are_invariant(model, max_batch: int) -> bool:
     (linear layers and the head as BlockLinear; routed experts, routers and MLA's absorbed decode as
     their block subclasses, which float_rows_view puts in)."""
     on_kernels = (BlockLinear, BlockExperts, BlockRouter, BlockMLAttention)
-    products = [m for m in model.modules() if isinstance(m, (Experts, Router, MLAttention)) or hasattr(m, "in_features")]
+    kinds = (Experts, Router, MLAttention)
+    products = [m for m in model.modules() if isinstance(m, kinds) or hasattr(m, "in_features")]
     return (max_batch <= BLOCK_KERNEL_MAX_ROWS and bool(kernels.available()) and bool(products)
             and all(isinstance(m, on_kernels) for m in products))
 
