@@ -321,15 +321,27 @@ class BlockMLAttention(MLAttention):
 
 def swap_for_blocks(model: nn.Module, types: dict[str, int], dtype: torch.dtype) -> None:
     """Put BlockLinear / BlockEmbedding in place of the nn.Linear / nn.Embedding named in `types`
-    (module name -> GGML type), on the meta device, before the blocks are assigned."""
+    (module name -> GGML type), on the meta device, before the blocks are assigned; BlockExperts in
+    place of the routed experts whose three stacks are named (`layers.3.mlp.experts.gate_proj`...)."""
+    stacks: dict[str, dict[str, int]] = {}
     for name, qtype in types.items():
         parent, _, attr = name.rpartition(".")
+        if _is_stack(model, name):
+            stacks.setdefault(parent, {})[attr] = qtype
+            continue
         m = model.get_submodule(name)
         if isinstance(m, nn.Embedding):
             new = BlockEmbedding(m.num_embeddings, m.embedding_dim, qtype, dtype, device="meta")
         else:
             new = BlockLinear(m.in_features, m.out_features, qtype, m.bias is not None, dtype, device="meta")
         setattr(model.get_submodule(parent) if parent else model, attr, new)
+    for name, qtypes in stacks.items():
+        ex = model.get_submodule(name)
+        if set(qtypes) != set(EXPERT_PROJS):
+            raise QuantizeError(f"{name}: routed experts in blocks need types for {', '.join(EXPERT_PROJS)}, "
+                                f"got {', '.join(qtypes)}")
+        dim, hidden = ex.down_proj.shape[1:]
+        model.set_submodule(name, BlockExperts(ex.n_experts, dim, hidden, qtypes, dtype, device="meta"))
 
 
 FLOAT_ROWS = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
@@ -408,9 +420,10 @@ def block_plan(model: nn.Module, scheme: str) -> dict[str, str]:
     """module name -> block type name, for every float linear layer of the body, the embedding and
     an untied head. Plain schemes put the body and the embedding in their one type and the output
     head (the embedding too when it is tied) in Q8_0 for q8_0, else Q6_K, since the head's errors
-    reach the logits undiluted. The _m mixes put attention's v_proj and the MLP's down_proj of the
-    `_more_bits` layers in Q6_K and the rest in Q4_K (Q5_K). DeepSeek's stacked routed experts,
-    MLA's kv_b_proj and the MTP module's eh_proj stay float."""
+    reach the logits undiluted. The _m mixes put attention's v_proj and the MLP's down_proj (the
+    routed experts' too) of the `_more_bits` layers in Q6_K and the rest in Q4_K (Q5_K). DeepSeek's
+    stacked routed experts get an entry per projection (`layers.3.mlp.experts.down_proj`); MLA's
+    kv_b_proj and the MTP module's eh_proj stay float."""
     if scheme not in BLOCK_SCHEMES:
         raise QuantizeError(f"unknown block scheme {scheme!r}; choose from {', '.join(BLOCK_SCHEMES)}")
     base = scheme.removesuffix("_m").upper()
@@ -418,7 +431,8 @@ def block_plan(model: nn.Module, scheme: str) -> dict[str, str]:
     n_layers = model.config.num_hidden_layers
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     plan: dict[str, str] = {}
-    for name in linear_names(model):
+    stacks = [f"{e}.{w}" for e in expert_names(model) for w in EXPERT_PROJS]
+    for name in [*linear_names(model), *stacks]:
         t = base
         if scheme.endswith("_m") and name.rsplit(".", 1)[-1] in ("v_proj", "down_proj"):
             parts = name.split(".")
@@ -430,8 +444,7 @@ def block_plan(model: nn.Module, scheme: str) -> dict[str, str]:
     if head_name(model):
         plan[HEAD] = head_type
     for name, t in plan.items():  # rows that do not split into the type's blocks
-        m = model.get_submodule(name)
-        k = m.embedding_dim if isinstance(m, nn.Embedding) else m.in_features
+        k = _float_rows(model, name).shape[-1]
         if k % kernels.TYPES[t].values:
             t = K_FALLBACK.get(t, t)
         if k % kernels.TYPES[t].values:
@@ -447,14 +460,18 @@ def quantize_to_blocks(model: nn.Module, scheme: str) -> nn.Module:
     that save_model writes them and load_model (and `ouvert export gguf`) reads them back."""
     from ouvert.kernels.encode import quantize as encode
 
-    if any(isinstance(m, (*QUANTIZED, BlockLinear, BlockEmbedding)) for m in model.modules()):
+    if any(isinstance(m, (*QUANTIZED, BlockLinear, BlockEmbedding, BlockExperts)) for m in model.modules()):
         raise QuantizeError(f"the model is quantized already ({model.config.extra.get('quantization_config')})")
     plan = block_plan(model, scheme)
     dtype = model.embed_tokens.weight.dtype
     state = {}
     for name, t in plan.items():
+        w = _float_rows(model, name).detach()
+        if w.dim() == 3:  # a stack of routed experts, each encoded alone
+            state[name] = torch.stack([encode(we, t) for we in w])
+            continue
         m = model.get_submodule(name)
-        state[f"{name}.weight"] = encode(m.weight.detach(), t)
+        state[f"{name}.weight"] = encode(w, t)
         if getattr(m, "bias", None) is not None:
             state[f"{name}.bias"] = m.bias.detach()
     types = {n: kernels.TYPES[t].id for n, t in plan.items()}
@@ -469,6 +486,17 @@ def quantize_to_blocks(model: nn.Module, scheme: str) -> nn.Module:
     return model
 
 
+def _is_stack(model: nn.Module, name: str) -> bool:
+    """Whether a block_plan entry names a stack of routed experts (`layers.3.mlp.experts.up_proj`)."""
+    parent = name.rpartition(".")[0]
+    return bool(parent) and isinstance(model.get_submodule(parent), Experts)
+
+
+def _float_rows(model: nn.Module, name: str) -> Tensor:
+    """The weight a block_plan entry names: a layer's (out, in), or a stack of experts' (E, out, in)."""
+    return model.get_parameter(name) if _is_stack(model, name) else model.get_submodule(name).weight
+
+
 def block_config(model: nn.Module, types: dict[str, str | int]) -> dict:
     """config.json's record of a block model: {"quant_method": "gguf", "tensor_types": {HF tensor
     name: GGML type name}}, one entry per tensor kept in blocks (a tied head is the embedding's)."""
@@ -478,7 +506,8 @@ def block_config(model: nn.Module, types: dict[str, str | int]) -> dict:
     for name, t in types.items():
         if name == HEAD and model.config.tie_word_embeddings:
             continue
-        names[hf_names(f"{name}.weight", model.config)[0]] = kernels.block_type(t).name
+        for key in hf_names(name if _is_stack(model, name) else f"{name}.weight", model.config):  # one per expert
+            names[key] = kernels.block_type(t).name
     return {"quant_method": "gguf", "tensor_types": dict(sorted(names.items()))}
 
 
@@ -488,19 +517,29 @@ def block_types(qc: dict, cfg, where: Path | str) -> dict[str, int]:
     from ouvert.checkpoint.hf import CheckpointError, our_name
 
     out: dict[str, int] = {}
+    stacks: dict[str, dict[int, int]] = {}  # routed experts: stack name -> {expert: type}
     tensor_types = qc.get("tensor_types")
     if not isinstance(tensor_types, dict) or not tensor_types:
         raise CheckpointError(f"{where}: quantization_config: quant_method 'gguf' needs a tensor_types table "
                               "(HF tensor name -> GGML type)")
     for key, t in tensor_types.items():
         named = our_name(key, cfg)
-        if named is None or named[1] is not None or not named[0].endswith(".weight"):
+        if named is None or (named[1] is None and not named[0].endswith(".weight")):
             raise CheckpointError(f"{where}: quantization_config.tensor_types: {key!r} is not a weight that "
                                   "ouvert keeps in blocks")
         try:
-            out[named[0].removesuffix(".weight")] = kernels.block_type(str(t)).id
+            qtype = kernels.block_type(str(t)).id
         except ValueError as e:
             raise CheckpointError(f"{where}: quantization_config.tensor_types[{key!r}]: {e}") from None
+        if named[1] is None:
+            out[named[0].removesuffix(".weight")] = qtype
+        else:
+            stacks.setdefault(named[0], {})[named[1]] = qtype
+    for name, per_expert in stacks.items():  # a stack holds one type: every expert's entry, alike
+        if len(per_expert) != cfg.n_routed_experts or len(set(per_expert.values())) != 1:
+            raise CheckpointError(f"{where}: quantization_config.tensor_types: the routed experts' {name!r} need "
+                                  f"one entry of the same type for each of the {cfg.n_routed_experts} experts")
+        out[name] = next(iter(per_expert.values()))
     if cfg.tie_word_embeddings and "embed_tokens" in out:
         out[HEAD] = out["embed_tokens"]
     return out
@@ -839,9 +878,11 @@ def describe_quantization(model: nn.Module) -> str | None:
     qc = model.config.extra.get("quantization_config") or {}
     if qc.get("quant_method") == "gguf":
         n = sum(isinstance(m, BlockLinear) for m in model.modules())
+        e = sum(isinstance(m, BlockExperts) for m in model.modules())
         emb = " and the embedding" if isinstance(getattr(model, "embed_tokens", None), BlockEmbedding) else ""
         kinds = ", ".join(sorted(set(qc["tensor_types"].values())))
-        return f"GGUF blocks ({kinds}) run as stored: {n} linear layers{emb}"
+        experts = f", {e} routed-expert layers" if e else ""
+        return f"GGUF blocks ({kinds}) run as stored: {n} linear layers{experts}{emb}"
     if qc.get("quant_method") != QUANT_METHOD:
         return None
     g = qc.get("group_size")

@@ -63,11 +63,12 @@ from ouvert.checkpoint.hf import CheckpointError, assign_weights, build_on_meta
 from ouvert.checkpoint.meta import rope_halves_to_pairs, rope_pairs_to_halves
 from ouvert.config import ConfigError, ModelConfig
 from ouvert.kernels import BY_ID, row_bytes, row_values
-from ouvert.model import Transformer
+from ouvert.model import Experts, Transformer
 from ouvert.quantize import (
     BLOCK_SCHEMES,
     KEEP_FLOAT,
     BlockEmbedding,
+    BlockExperts,
     BlockLinear,
     block_config,
     quantize_model,
@@ -523,7 +524,8 @@ def gguf_tensors(model: Transformer) -> list[tuple[str, Callable[[], Tensor], tu
             continue
         names, transform = gguf_names(name, arch)
         owner = model.get_submodule(name.rpartition(".")[0])
-        qtype = owner.qtype if isinstance(owner, (BlockLinear, BlockEmbedding)) and name.endswith(".weight") else None
+        qtype = owner.qtype if isinstance(owner, (BlockLinear, BlockEmbedding)) and name.endswith(".weight") else \
+            owner.qtypes.get(name.rpartition(".")[2]) if isinstance(owner, BlockExperts) else None
         with torch.device("meta"):
             shapes = [tuple(x.shape) for x in to_gguf(torch.empty(t.shape, dtype=t.dtype), transform, cfg)]
         if qtype is not None:  # rows of blocks: the values a row holds, not its bytes
@@ -594,6 +596,10 @@ def _stored_file_type(model: Transformer):
         if isinstance(m, (BlockLinear, BlockEmbedding)):
             t = BY_ID[m.qtype].name
             counts[t] = counts.get(t, 0) + m.weight.numel()
+        elif isinstance(m, BlockExperts):
+            for w, qtype in m.qtypes.items():
+                t = BY_ID[qtype].name
+                counts[t] = counts.get(t, 0) + getattr(m, w).numel()
     if not counts:
         return None
     top = max(counts, key=counts.get)
@@ -908,7 +914,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype | None = None, device: str | 
         if as_stored and _runs_as_stored(model, name, tensors[names[0]], transform, cfg):
             state[name] = _blocks(tensors[names[0]], want[0], path)
             state[name] = from_gguf((state[name],), transform, cfg)  # q / k row orders permute whole rows
-            blocks[name.removesuffix(".weight")] = tensors[names[0]].qtype
+            blocks[name.removesuffix(".weight")] = tensors[names[0]].qtype  # a stack of experts: its own name
             used.add(names[0])
             continue
         parts = []
@@ -940,8 +946,13 @@ def load_gguf(path: str | Path, dtype: torch.dtype | None = None, device: str | 
 
 def _runs_as_stored(model: Transformer, name: str, t: GGUFTensor, transform: str | None, cfg: ModelConfig) -> bool:
     """Whether our parameter `name` keeps the GGUF tensor's blocks: a linear layer's or the embedding's
-    weight, in a block format the kernels cover, whose transform (if any) only reorders rows."""
-    if t.qtype not in BY_ID or t.qtype in (0, 1, 30) or not name.endswith(".weight"):
+    weight, or a stack of routed experts, in a block format the kernels cover, whose transform (if
+    any) only reorders rows."""
+    if t.qtype not in BY_ID or t.qtype in (0, 1, 30):
+        return False
+    if isinstance(model.get_submodule(name.rpartition(".")[0]), Experts):
+        return transform is None
+    if not name.endswith(".weight"):
         return False
     module = model.get_submodule(name.removesuffix(".weight"))
     if type(module) not in (nn.Linear, nn.Embedding) or name.split(".")[-2] in KEEP_FLOAT:
@@ -952,13 +963,12 @@ def _runs_as_stored(model: Transformer, name: str, t: GGUFTensor, transform: str
 
 def _blocks(t: GGUFTensor, shape: tuple[int, ...], path: Path) -> Tensor:
     """A GGUF tensor's blocks as a (rows, bytes per row) uint8 tensor over the file's memory map."""
-    rows, k = (t.shape[0], t.shape[-1]) if len(t.shape) == 2 else (None, None)
-    if (rows, k) != tuple(shape):
+    if tuple(t.shape) != tuple(shape):
         raise CheckpointError(f"{path}: tensor {t.name!r} has shape {t.shape}, expected {tuple(shape)} "
                               "from the metadata")
     with warnings.catch_warnings():  # read-only memory: the blocks are never written
         warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(t.data).view(rows, row_bytes(t.qtype, k))
+        return torch.from_numpy(t.data).view(*shape[:-1], row_bytes(t.qtype, shape[-1]))
 
 
 def gguf_tokenizer(path: str | Path):
