@@ -60,3 +60,55 @@ static inline float qdot_q4_1(const uint8_t* w, const int8_t* qx, const float* d
   }
   return hsum8(_mm256_add_ps(acc[0], acc[1])) + (offsets[0] + offsets[1]);
 }
+
+// R activation rows against one weight row, each summed exactly as the one-row functions above sum it
+// (the same accumulators in the same order), with each weight block unpacked once for the R rows.
+// qx, dx, sx: row r at qx + r * K, dx + r * nb, sx + r * nb; row r's result at out[r * ldo].
+template <int R>
+static inline void qdot_rows_signed(const uint8_t* w, int stride, bool nibbles, const int8_t* qx, int64_t K,
+                                    const float* dx, int64_t nb, float* out, int64_t ldo) {
+  __m256 acc[R][2];
+  for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; b++, w += stride) {
+    const __m256i q = nibbles ? _mm256_sub_epi8(nibbles32(w + 2), _mm256_set1_epi8(8))
+                              : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 2));
+    const __m256i aq = _mm256_sign_epi8(q, q);
+    const float dw = half_to_float(load_u16(w));
+    for (int r = 0; r < R; r++) {
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx + r * K + 32 * b));
+      const __m256i p = dot_u8_i8(aq, _mm256_sign_epi8(x, q));
+      acc[r][b & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * dx[r * nb + b]), acc[r][b & 1]);
+    }
+  }
+  for (int r = 0; r < R; r++) out[r * ldo] = hsum8(_mm256_add_ps(acc[r][0], acc[r][1]));
+}
+template <int R>
+static inline void qdot_rows_q4_1(const uint8_t* w, const int8_t* qx, int64_t K, const float* dx, const int32_t* sx,
+                                  int64_t nb, float* out, int64_t ldo) {
+  __m256 acc[R][2];
+  float offsets[R][2];
+  for (int r = 0; r < R; r++) {
+    acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    offsets[r][0] = offsets[r][1] = 0.0f;
+  }
+  for (int64_t b = 0; b < nb; b++, w += 20) {
+    const __m256i q = nibbles32(w + 4);
+    const float dw = half_to_float(load_u16(w)), mw = half_to_float(load_u16(w + 2));
+    for (int r = 0; r < R; r++) {
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx + r * K + 32 * b));
+      const float d = dx[r * nb + b];
+      acc[r][b & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8_i8(q, x)), _mm256_set1_ps(dw * d), acc[r][b & 1]);
+      offsets[r][b & 1] += mw * d * float(sx[r * nb + b]);
+    }
+  }
+  for (int r = 0; r < R; r++) out[r * ldo] = hsum8(_mm256_add_ps(acc[r][0], acc[r][1])) + (offsets[r][0] + offsets[r][1]);
+}
+template <int R>
+static inline void qdot_rows(int qtype, const uint8_t* w, const int8_t* qx, int64_t K, const float* dx,
+                             const int32_t* sx, int64_t nb, float* out, int64_t ldo) {
+  switch (qtype) {
+    case Q8_0: return qdot_rows_signed<R>(w, 34, false, qx, K, dx, nb, out, ldo);
+    case Q4_0: return qdot_rows_signed<R>(w, 18, true, qx, K, dx, nb, out, ldo);
+    default: return qdot_rows_q4_1<R>(w, qx, K, dx, sx, nb, out, ldo);
+  }
+}

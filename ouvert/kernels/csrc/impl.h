@@ -3,54 +3,81 @@
 //   vec, W (lanes), vzero(), vload(p), vfma(a, b, acc), vadd(a, b), vsum(v), half_to_float(bits),
 //   and the decoding steps nibbles16, affine16, scale16 (blocks.h says what each does).
 //
-// Each output row n: decode W's row n to float32 once (blocks.h), then one dot product per input
-// row m. A dot product always runs the same way for the same K (four chains of W lanes, then the
-// tail, then a fixed sum of the chains), so y[m, n] does not depend on how many rows x has, what
-// they hold, or how the output rows are split among threads: row invariance by construction.
+// Output rows NROWS at a time: decode those rows of W to float32 once (blocks.h), then tiles of
+// input rows against them (tile, below), each output summed by one fixed chain: row invariance by
+// construction.
 
 #include "blocks.h"
 
-static float dot(const float* a, const float* b, int64_t K) {
-  vec c0 = vzero(), c1 = vzero(), c2 = vzero(), c3 = vzero();
-  int64_t i = 0;
-  for (; i + 4 * W <= K; i += 4 * W) {
-    c0 = vfma(vload(a + i), vload(b + i), c0);
-    c1 = vfma(vload(a + i + W), vload(b + i + W), c1);
-    c2 = vfma(vload(a + i + 2 * W), vload(b + i + 2 * W), c2);
-    c3 = vfma(vload(a + i + 3 * W), vload(b + i + 3 * W), c3);
+// How tile() reads weight rows: float32 (as stored, or decoded into scratch), or bfloat16 / float16
+// as stored, widened in registers (exactly: the same floats as decoding first).
+struct AsF32 {
+  using T = float;
+  static vec load(const float* p) { return vload(p); }
+  static float one(const float* p) { return *p; }
+};
+struct AsBF16 {
+  using T = uint16_t;
+  static vec load(const uint16_t* p) { return vload_bf16(p); }
+  static float one(const uint16_t* p) {
+    float f;
+    decode_bf16(reinterpret_cast<const uint8_t*>(p), &f);
+    return f;
   }
-  for (; i + W <= K; i += W) c0 = vfma(vload(a + i), vload(b + i), c0);
-  float s = vsum(vadd(vadd(c0, c1), vadd(c2, c3)));
-  for (; i < K; i++) s += a[i] * b[i];
-  return s;
-}
+};
+struct AsF16 {
+  using T = uint16_t;
+  static vec load(const uint16_t* p) { return vload_f16(p); }
+  static float one(const uint16_t* p) { return half_to_float(*p); }
+};
 
-// R input rows against one weight row, each summed exactly as dot() sums it (the same chains in
-// the same order), with each weight vector loaded once for the R rows.
-template <int R>
-static void dot_rows(const float* a, int64_t lda, const float* b, int64_t K, float* out, int64_t ldo) {
-  vec c[R][4];
-  for (int r = 0; r < R; r++) c[r][0] = c[r][1] = c[r][2] = c[r][3] = vzero();
+// One output is one chain: acc += x[i : i + W] * w[i : i + W] over K in steps of W, then vsum(acc), then
+// the tail (K % W values) one by one. tile<RM, RN> computes RM input rows against RN weight rows
+// with RM * RN such chains side by side (each weight vector loaded once for the RM rows, each input
+// vector once for the RN weight rows), so an output's numbers are the same in any tile: y[m, n]
+// does not depend on how many rows x has, what they hold, or how the work is split.
+template <int RM, int RN, class F>
+static void tile(const float* x, int64_t ldx, const typename F::T* const* w, int64_t K, float* y, int64_t ldy) {
+  vec c[RM][RN];
+  for (int r = 0; r < RM; r++)
+    for (int j = 0; j < RN; j++) c[r][j] = vzero();
   int64_t i = 0;
-  for (; i + 4 * W <= K; i += 4 * W) {
-    for (int j = 0; j < 4; j++) {
-      const vec bj = vload(b + i + j * W);
-      for (int r = 0; r < R; r++) c[r][j] = vfma(vload(a + r * lda + i + j * W), bj, c[r][j]);
+  for (; i + W <= K; i += W) {
+    vec wv[RN];
+    for (int j = 0; j < RN; j++) wv[j] = F::load(w[j] + i);
+    for (int r = 0; r < RM; r++) {
+      const vec xv = vload(x + r * ldx + i);
+      for (int j = 0; j < RN; j++) c[r][j] = vfma(xv, wv[j], c[r][j]);
     }
   }
-  for (; i + W <= K; i += W) {
-    const vec bi = vload(b + i);
-    for (int r = 0; r < R; r++) c[r][0] = vfma(vload(a + r * lda + i), bi, c[r][0]);
-  }
-  for (int r = 0; r < R; r++) {
-    float s = vsum(vadd(vadd(c[r][0], c[r][1]), vadd(c[r][2], c[r][3])));
-    for (int64_t t = i; t < K; t++) s += a[r * lda + t] * b[t];
-    out[r * ldo] = s;
-  }
+  for (int r = 0; r < RM; r++)
+    for (int j = 0; j < RN; j++) {
+      float s = vsum(c[r][j]);
+      for (int64_t t = i; t < K; t++) s = std::fma(x[r * ldx + t], F::one(w[j] + t), s);
+      y[r * ldy + j] = s;
+    }
 }
 
-// Rows at a time in dot_rows: as many accumulators as the registers hold (16 of AVX2's, 32 of AVX-512's).
-constexpr int ROWS = W == 16 ? 4 : 2;
+// Weight rows at a time (the scratch holds NROWS * K decoded floats), and input rows per tile: as
+// many accumulators as the registers hold (16 of AVX-512's 32, 8 of AVX2's 16).
+constexpr int NROWS = kScratchRows;
+constexpr int MROWS = W == 16 ? 4 : 2;
+
+// All M input rows against nr weight rows wr (nr == step, or fewer at the end of a range).
+template <class F>
+static void tiles(const float* x, int64_t M, int64_t ldx, int64_t K, const typename F::T* const* wr, int64_t nr,
+                  int64_t step, float* y, int64_t ldy) {
+  if (nr < step) {  // the range's last rows, one by one
+    for (int64_t j = 0; j < nr; j++)
+      for (int64_t m = 0; m < M; m++) tile<1, 1, F>(x + m * ldx, ldx, wr + j, K, y + m * ldy + j, ldy);
+    return;
+  }
+  int64_t m = 0;
+  for (; m + MROWS <= M; m += MROWS)
+    for (int j = 0; j < step; j += 4) tile<MROWS, 4, F>(x + m * ldx, ldx, wr + j, K, y + m * ldy + j, ldy);
+  for (; m < M; m++)
+    for (int j = 0; j < step; j += 4) tile<1, 4, F>(x + m * ldx, ldx, wr + j, K, y + m * ldy + j, ldy);
+}
 
 // W's row as float32: `out` filled, or (float32 weights) the row itself.
 static const float* decode_row(int qtype, const uint8_t* row, int64_t K, float* out) {
@@ -104,20 +131,32 @@ static float qdot(int qtype, const uint8_t* w, const int8_t* qx, const float* dx
 void matmul_q8(int qtype, const int8_t* xq, const float* xd, const int32_t* xs, int64_t M, int64_t K,
                const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1, float* y, int64_t ldy) {
   const int64_t nb = K / 32;
-  for (int64_t n = n0; n < n1; n++)
-    for (int64_t m = 0; m < M; m++)
-      y[m * ldy + n] = qdot(qtype, w + n * row_bytes, xq + m * K, xd + m * nb, xs + m * nb, nb);
+  for (int64_t n = n0; n < n1; n++) {
+    const uint8_t* wr = w + n * row_bytes;
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) qdot_rows<4>(qtype, wr, xq + m * K, K, xd + m * nb, xs + m * nb, nb, y + m * ldy + n, ldy);
+    for (; m < M; m++) y[m * ldy + n] = qdot(qtype, wr, xq + m * K, xd + m * nb, xs + m * nb, nb);
+  }
 }
 
 // y[m * ldy + n] for m < M, n0 <= n < n1. x: (M, K) float32 rows ldx apart; w: rows of row_bytes;
 // scratch: K floats.
 void matmul(int qtype, const float* x, int64_t M, int64_t ldx, int64_t K, const uint8_t* w, int64_t row_bytes,
             int64_t n0, int64_t n1, float* y, int64_t ldy, float* scratch) {
-  for (int64_t n = n0; n < n1; n++) {
-    const float* wr = decode_row(qtype, w + n * row_bytes, K, scratch);
-    int64_t m = 0;
-    for (; m + ROWS <= M; m += ROWS) dot_rows<ROWS>(x + m * ldx, ldx, wr, K, y + m * ldy + n, ldy);
-    for (; m < M; m++) y[m * ldy + n] = dot(x + m * ldx, wr, K);
+  // a few input rows: 4 weight rows at a time, whose decoded floats stay in the L1 cache
+  const int64_t step = M >= MROWS ? NROWS : 4;
+  for (int64_t n = n0; n < n1; n += step) {
+    const int64_t nr = std::min<int64_t>(step, n1 - n);
+    if (qtype == BF16 || qtype == F16) {  // read as stored
+      const uint16_t* wr[NROWS];
+      for (int64_t j = 0; j < nr; j++) wr[j] = reinterpret_cast<const uint16_t*>(w + (n + j) * row_bytes);
+      if (qtype == BF16) tiles<AsBF16>(x, M, ldx, K, wr, nr, step, y + n, ldy);
+      else tiles<AsF16>(x, M, ldx, K, wr, nr, step, y + n, ldy);
+      continue;
+    }
+    const float* wr[NROWS];
+    for (int64_t j = 0; j < nr; j++) wr[j] = decode_row(qtype, w + (n + j) * row_bytes, K, scratch + j * K);
+    tiles<AsF32>(x, M, ldx, K, wr, nr, step, y + n, ldy);
   }
 }
 

@@ -5,6 +5,9 @@
 
 namespace ouvert_kernels {
 
+// Weight rows a matmul task decodes at a time: its scratch holds kScratchRows * K floats.
+constexpr int kScratchRows = 8;
+
 // GGML's type numbers, as GGUF files store them.
 enum QType : int { F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14, BF16 = 30 };
 

@@ -39,6 +39,13 @@ static inline float half_to_float(uint16_t h) {
   return f;
 }
 
+static inline vec vload_bf16(const uint16_t* p) {
+  const uint32_t bits = uint32_t(*p) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+static inline vec vload_f16(const uint16_t* p) { return half_to_float(*p); }
 static inline void nibbles16(const uint8_t* qs, uint8_t* lo, uint8_t* hi, int bias) {
   for (int i = 0; i < 16; i++) {
     lo[i] = uint8_t((qs[i] & 0x0F) - bias);
@@ -80,6 +87,14 @@ static inline float qdot_q4_1(const uint8_t* w, const int8_t* qx, const float* d
     acc += half_to_float(load_u16(w)) * dx[b] * float(sum) + half_to_float(load_u16(w + 2)) * dx[b] * float(sx[b]);
   }
   return acc;
+}
+
+static float qdot(int qtype, const uint8_t* w, const int8_t* qx, const float* dx, const int32_t* sx, int64_t nb);
+// R rows at a time (the AVX paths share the weight block's unpacking among them): here, one by one.
+template <int R>
+static inline void qdot_rows(int qtype, const uint8_t* w, const int8_t* qx, int64_t K, const float* dx,
+                             const int32_t* sx, int64_t nb, float* out, int64_t ldo) {
+  for (int r = 0; r < R; r++) out[r * ldo] = qdot(qtype, w, qx + r * K, dx + r * nb, sx + r * nb, nb);
 }
 
 #include "impl.h"

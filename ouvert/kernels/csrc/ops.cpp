@@ -132,7 +132,7 @@ at::Tensor block_matmul(const at::Tensor& x, const at::Tensor& w, int64_t qtype)
     });
   } else {
     at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-      std::vector<float> scratch(K);
+      std::vector<float> scratch(kScratchRows * K);
       isa->matmul(int(qtype), xp, M, K, K, wp, row_bytes, n0, n1, yp, N, scratch.data());
     });
   }
