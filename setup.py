@@ -19,13 +19,14 @@ else:
     src = "ouvert/kernels/csrc"
     ext_modules = [CppExtension(
         "ouvert._kernels",
-        [f"{src}/{f}" for f in ("ops.cpp", "kernels_scalar.cpp", "kernels_avx2.cpp", "kernels_avx512.cpp")],
+        [f"{src}/{f}" for f in ("ops.cpp", "kernels_scalar.cpp", "kernels_avx2.cpp", "kernels_avx512.cpp",
+                                        "kernels_avx512_vnni.cpp")],
         # No -march: the baseline is plain x86-64; each kernels_<isa>.cpp turns its own set on.
         # No fused multiply-adds except where the code asks for one, so decoding rounds as the twin does.
         # -fopenmp: at::parallel_for is inlined here, and without it runs on one thread.
         extra_compile_args=["-O3", "-ffp-contract=off", "-fopenmp"],
         extra_link_args=["-fopenmp"],
-        depends=[f"{src}/{f}" for f in ("kernels.h", "impl.h", "blocks.h", "avx2_shared.h")],
+        depends=[f"{src}/{f}" for f in ("kernels.h", "impl.h", "blocks.h", "avx2_shared.h", "kernels_avx512.cpp")],
     )]
     cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=False)}
 

@@ -93,7 +93,7 @@ def test_kernel_matches_its_twin(qtype, isa):
 
 @needs_ext
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("qtype", ["Q4_1", "Q6_K", "BF16"])
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_1", "Q6_K", "BF16", "F32"])
 def test_rows_are_independent_of_the_batch_and_threads(qtype, isa):
     """Row invariance by construction: a row alone, among 63 others, or with 1 or 2 threads gives
     bitwise the same numbers."""
@@ -113,6 +113,24 @@ def test_rows_are_independent_of_the_batch_and_threads(qtype, isa):
             assert torch.equal(kernels.block_matmul(other, w, TYPES[qtype].id)[0], batch[0])
         finally:
             torch.set_num_threads(threads)
+
+
+@needs_ext
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
+def test_wide_integer_dots_give_avx2s_numbers(qtype):
+    """The AVX-512 paths take two blocks per instruction (VNNI's vpdpbusd where present) with the
+    accumulators laid out as AVX2's: the same numbers, bit for bit, odd block counts included."""
+    wide = [isa for isa in ISAS if isa.startswith("avx512")]
+    if "avx2" not in ISAS or not wide:
+        pytest.skip("this CPU has no AVX-512")
+    for k in (32, 96, 2048):
+        w = random_blocks(qtype, 37, k)
+        x = torch.randn(9, k)
+        with on_isa("avx2"):
+            ref = kernels.block_matmul(x, w, TYPES[qtype].id)
+        for isa in wide:
+            with on_isa(isa):
+                assert torch.equal(kernels.block_matmul(x, w, TYPES[qtype].id), ref), (isa, k)
 
 
 @needs_ext

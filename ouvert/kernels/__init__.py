@@ -4,7 +4,8 @@ float16, bfloat16), without turning the weights into floats in memory.
 Rooms:
   csrc/blocks.h        each block format drawn byte by byte, with the plain loop that decodes it
   csrc/impl.h          the product, written once, included per instruction set
-  csrc/kernels_*.cpp   scalar (any CPU), AVX2 + FMA + F16C, AVX-512; chosen at load (csrc/ops.cpp)
+  csrc/kernels_*.cpp   scalar (any CPU), AVX2 + FMA + F16C, AVX-512, AVX-512 with VNNI; chosen at
+                       load (csrc/ops.cpp)
   formats.py           the PyTorch twin: the same decoding in tensor ops, the reference in tests
 
 The C++ extension (ouvert._kernels, built by `pip install -e .` when g++ is there) registers the ops
@@ -78,7 +79,7 @@ def available() -> list[str]:
 
 
 def isa() -> str:
-    """The instruction set the kernels run on now: avx512, avx2, scalar, or twin (no extension)."""
+    """The instruction set the kernels run on now: avx512_vnni, avx512, avx2, scalar, or twin."""
     return _EXT.isa() if _EXT and not _twin_only else "twin"
 
 

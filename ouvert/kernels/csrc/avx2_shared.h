@@ -27,6 +27,7 @@ static inline float hsum8(__m256 v) {
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
 }
+#ifndef OUVERT_WIDE_QDOTS  // kernels_avx512.cpp has its own, two blocks per 512-bit instruction
 // Two accumulators, even and odd blocks, so that consecutive blocks' multiply-adds do not wait for
 // each other; the order is fixed, so a row's result still depends on nothing but that row.
 static inline float qdot_signed(const uint8_t* w, int stride, bool nibbles, const int8_t* qx, const float* dx,
@@ -112,3 +113,4 @@ static inline void qdot_rows(int qtype, const uint8_t* w, const int8_t* qx, int6
     default: return qdot_rows_q4_1<R>(w, qx, K, dx, sx, nb, out, ldo);
   }
 }
+#endif  // OUVERT_WIDE_QDOTS

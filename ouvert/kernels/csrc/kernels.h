@@ -29,5 +29,6 @@ static inline uint16_t load_u16(const uint8_t* p) {  // little-endian, as GGUF s
 namespace scalar { OUVERT_ISA_DECLS }
 namespace avx2 { OUVERT_ISA_DECLS }
 namespace avx512 { OUVERT_ISA_DECLS }
+namespace avx512_vnni { OUVERT_ISA_DECLS }
 
 }  // namespace ouvert_kernels

@@ -1,18 +1,27 @@
 // AVX-512 (F, BW, VL) + FMA + F16C: 16 float lanes. Only run when the CPU reports them (ops.cpp).
+// Compiled twice: as the avx512 path, and (kernels_avx512_vnni.cpp defines OUVERT_VNNI) as the
+// avx512_vnni path, whose integer dots take VNNI's vpdpbusd (the same sums in one instruction).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 
+#ifdef OUVERT_VNNI
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")
+#define OUVERT_NS avx512_vnni
+#else
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")
+#define OUVERT_NS avx512
+#endif
 #include <immintrin.h>
 
 #include "kernels.h"
 
-namespace ouvert_kernels::avx512 {
+namespace ouvert_kernels::OUVERT_NS {
 
 static inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
 
+#define OUVERT_WIDE_QDOTS
 #include "avx2_shared.h"
 
 using vec = __m512;
@@ -40,6 +49,108 @@ static inline void scale16(const int8_t* q, float d, float* y) {
   _mm512_storeu_ps(y, _mm512_mul_ps(_mm512_set1_ps(d), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b))));
 }
 
+
+// ---- integer dots, two blocks per 512-bit instruction -------------------------------------------
+// Lanes 0-7 carry the even blocks and lanes 8-15 the odd ones, so the accumulator's halves are
+// AVX2's two accumulators (avx2_shared.h), lane for lane: the same numbers, at half the instructions.
+static inline __m512i dot_u8_i8_512(__m512i u, __m512i s) {
+#ifdef OUVERT_VNNI
+  return _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, s);
+#else
+  return _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1));
+#endif
+}
+static inline __m512i pair(__m256i even, __m256i odd) {
+  return _mm512_inserti64x4(_mm512_castsi256_si512(even), odd, 1);
+}
+static inline __m512 pair_ps(float even, float odd) {
+  return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_set1_ps(even)),
+                                             _mm256_castps_pd(_mm256_set1_ps(odd)), 1));
+}
+// A block's 32 weights as signed bytes (Q8_0 as stored, Q4_0's nibbles minus 8), or zeros past the end.
+static inline __m256i signed_block(const uint8_t* w, bool nibbles) {
+  return nibbles ? _mm256_sub_epi8(nibbles32(w + 2), _mm256_set1_epi8(8))
+                 : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 2));
+}
+// |q| times x carrying q's sign (x negated where q < 0): maddubs takes its first operand unsigned.
+static inline __m512i signed_dot(__m512i q, __m512i x) {
+  const __m512i sx = _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(q), _mm512_setzero_si512(), x);
+  return dot_u8_i8_512(_mm512_abs_epi8(q), sx);
+}
+static inline __m512i load_x(const int8_t* qx, int64_t b, int64_t nb) {  // blocks b and b + 1 (zeros past nb)
+  return b + 1 < nb ? _mm512_loadu_si512(qx + 32 * b)
+                    : _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx + 32 * b)));
+}
+static inline float hsum_pair(__m512 acc) {
+  return hsum8(_mm256_add_ps(_mm512_castps512_ps256(acc), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc), 1))));
+}
+
+template <int R>
+static inline void qdot_rows_signed(const uint8_t* w, int stride, bool nibbles, const int8_t* qx, int64_t K,
+                                    const float* dx, int64_t nb, float* out, int64_t ldo) {
+  __m512 acc[R];
+  for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; b += 2, w += 2 * stride) {
+    const bool two = b + 1 < nb;
+    const __m512i q = pair(signed_block(w, nibbles), two ? signed_block(w + stride, nibbles) : _mm256_setzero_si256());
+    const float d0 = half_to_float(load_u16(w)), d1 = two ? half_to_float(load_u16(w + stride)) : 0.0f;
+    for (int r = 0; r < R; r++) {
+      const __m512i p = signed_dot(q, load_x(qx + r * K, b, nb));
+      const float* d = dx + r * nb + b;
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), pair_ps(d0 * d[0], two ? d1 * d[1] : 0.0f), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; r++) out[r * ldo] = hsum_pair(acc[r]);
+}
+template <int R>
+static inline void qdot_rows_q4_1(const uint8_t* w, const int8_t* qx, int64_t K, const float* dx, const int32_t* sx,
+                                  int64_t nb, float* out, int64_t ldo) {
+  __m512 acc[R];
+  float offsets[R][2];
+  for (int r = 0; r < R; r++) {
+    acc[r] = _mm512_setzero_ps();
+    offsets[r][0] = offsets[r][1] = 0.0f;
+  }
+  for (int64_t b = 0; b < nb; b += 2, w += 40) {
+    const bool two = b + 1 < nb;
+    const __m512i q = pair(nibbles32(w + 4), two ? nibbles32(w + 24) : _mm256_setzero_si256());
+    const float d0 = half_to_float(load_u16(w)), m0 = half_to_float(load_u16(w + 2));
+    const float d1 = two ? half_to_float(load_u16(w + 20)) : 0.0f, m1 = two ? half_to_float(load_u16(w + 22)) : 0.0f;
+    for (int r = 0; r < R; r++) {
+      const __m512i p = dot_u8_i8_512(q, load_x(qx + r * K, b, nb));
+      const float* d = dx + r * nb + b;
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), pair_ps(d0 * d[0], two ? d1 * d[1] : 0.0f), acc[r]);
+      offsets[r][0] += m0 * d[0] * float(sx[r * nb + b]);
+      if (two) offsets[r][1] += m1 * d[1] * float(sx[r * nb + b + 1]);
+    }
+  }
+  for (int r = 0; r < R; r++) out[r * ldo] = hsum_pair(acc[r]) + (offsets[r][0] + offsets[r][1]);
+}
+template <int R>
+static inline void qdot_rows(int qtype, const uint8_t* w, const int8_t* qx, int64_t K, const float* dx,
+                             const int32_t* sx, int64_t nb, float* out, int64_t ldo) {
+  switch (qtype) {
+    case Q8_0: return qdot_rows_signed<R>(w, 34, false, qx, K, dx, nb, out, ldo);
+    case Q4_0: return qdot_rows_signed<R>(w, 18, true, qx, K, dx, nb, out, ldo);
+    default: return qdot_rows_q4_1<R>(w, qx, K, dx, sx, nb, out, ldo);
+  }
+}
+static inline float qdot_q8_0(const uint8_t* w, const int8_t* qx, const float* dx, int64_t nb) {
+  float y;
+  qdot_rows_signed<1>(w, 34, false, qx, 0, dx, nb, &y, 0);
+  return y;
+}
+static inline float qdot_q4_0(const uint8_t* w, const int8_t* qx, const float* dx, int64_t nb) {
+  float y;
+  qdot_rows_signed<1>(w, 18, true, qx, 0, dx, nb, &y, 0);
+  return y;
+}
+static inline float qdot_q4_1(const uint8_t* w, const int8_t* qx, const float* dx, const int32_t* sx, int64_t nb) {
+  float y;
+  qdot_rows_q4_1<1>(w, qx, 0, dx, sx, nb, &y, 0);
+  return y;
+}
+
 #include "impl.h"
 
-}  // namespace ouvert_kernels::avx512
+}  // namespace ouvert_kernels::OUVERT_NS

@@ -25,6 +25,7 @@ struct Isa {
 static const Isa kScalar = OUVERT_ISA(scalar);
 static const Isa kAvx2 = OUVERT_ISA(avx2);
 static const Isa kAvx512 = OUVERT_ISA(avx512);
+static const Isa kAvx512Vnni = OUVERT_ISA(avx512_vnni);
 
 // Q8_0, Q4_0 and Q4_1 weights take integer dot products on activations quantized to 8 bits per
 // block of 32 (llama.cpp's way), unless OUVERT_INT_DOTS=0 or use_integer_dots(false).
@@ -39,9 +40,10 @@ static bool cpu_has(const std::string& isa) {
   if (isa == "scalar") return true;
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   if (isa == "avx2") return avx2;
-  if (isa == "avx512")
-    return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl");
+  if (isa == "avx512") return avx512;
+  if (isa == "avx512_vnni") return avx512 && __builtin_cpu_supports("avx512vnni");
   return false;
 }
 
@@ -49,6 +51,7 @@ static const Isa* by_name(const std::string& name) {
   if (name == "scalar") return &kScalar;
   if (name == "avx2") return &kAvx2;
   if (name == "avx512") return &kAvx512;
+  if (name == "avx512_vnni") return &kAvx512Vnni;
   return nullptr;
 }
 
@@ -57,10 +60,10 @@ static const Isa* best() {
   if (const char* forced = std::getenv("OUVERT_ISA")) {
     const Isa* isa = by_name(forced);
     TORCH_CHECK(isa && cpu_has(forced), "OUVERT_ISA=", forced, ": not an instruction set this CPU has ",
-                "(scalar, avx2, avx512)");
+                "(scalar, avx2, avx512, avx512_vnni)");
     return isa;
   }
-  for (const char* name : {"avx512", "avx2"})
+  for (const char* name : {"avx512_vnni", "avx512", "avx2"})
     if (cpu_has(name)) return by_name(name);
   return &kScalar;
 }
@@ -71,7 +74,7 @@ std::string isa() { return g_isa->name; }
 
 std::vector<std::string> available() {
   std::vector<std::string> out;
-  for (const char* name : {"avx512", "avx2", "scalar"})
+  for (const char* name : {"avx512_vnni", "avx512", "avx2", "scalar"})
     if (cpu_has(name)) out.push_back(name);
   return out;
 }
