@@ -70,7 +70,8 @@ def chunked_logits(model, ids: torch.Tensor, chunk: int = 50) -> torch.Tensor:
     return torch.cat([model(ids[:, i : i + chunk], cache=cache) for i in range(0, ids.shape[1], chunk)], 1)
 
 
-def llama_cpp(threads: int):
+def llama_cpp(threads: int, path: Path = GGUF):
+    """llama.cpp (cyllama) on the file at `path`: its C API module, the model, and a context maker."""
     import cyllama.llama.llama_cpp as cp
 
     cp.disable_logging()
@@ -79,7 +80,7 @@ def llama_cpp(threads: int):
     class Model(cp.LlamaModel):  # cyllama 0.2.18: get_logits_ith asks the model for n_vocab
         n_vocab = property(lambda self: self.get_vocab().n_vocab)
 
-    model = Model(str(GGUF), cp.LlamaModelParams())
+    model = Model(str(path), cp.LlamaModelParams())
 
     def context(n_ctx: int):
         p = cp.LlamaContextParams()
@@ -91,8 +92,11 @@ def llama_cpp(threads: int):
     return cp, model, context
 
 
-def llama_cpp_rates(threads: int, prompt: list[int], n: int, prefill_ids: list[int]) -> tuple[float, float]:
-    cp, model, context = llama_cpp(threads)
+def llama_cpp_rates(threads: int, prompt: list[int], n: int, prefill_ids: list[int], path: Path = GGUF
+                    ) -> tuple[float, float]:
+    """(decode tokens/s, prefill tokens/s) as llama-bench's tg and pp measure them: greedy steps of one
+    token, then one batch of prefill_ids into a fresh context."""
+    cp, model, context = llama_cpp(threads, path)
     ctx = context(len(prompt) + n + 8)
     ctx.decode(cp.llama_batch_get_one(prompt))
     tok = int(np.array(ctx.get_logits_ith(-1)).argmax())
@@ -133,11 +137,11 @@ print(status("VmHWM:") - base)
 """
 
 
-def peak_load_bytes(kind: str) -> int:
+def peak_load_bytes(kind: str, path: Path = GGUF) -> int:
     """Peak resident memory a fresh process adds, after its imports and a first tiny model built on
     the meta device (torch's one-time cost), by loading the file and running one forward (the file's
     pages that are read count: they are resident while mapped)."""
-    out = subprocess.run([sys.executable, "-c", PEAK.format(), str(GGUF), kind], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", PEAK.format(), str(path), kind], capture_output=True, text=True,
                          check=True)
     return int(out.stdout.split()[-1])
 

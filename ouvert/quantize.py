@@ -362,7 +362,10 @@ def float_rows_view(model: nn.Module) -> nn.Module | None:
     names = [n for n, m in model.named_modules() if type(m) in kinds and _float_weight(m) in FLOAT_ROWS]
     if not names:
         return None
-    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}  # modules copied, tensors shared
+    # modules copied, tensors shared: weights, buffers and any tensor a module holds (a loss kept for the
+    # optimizer, which deepcopy could not copy anyway)
+    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    shared.update((id(v), v) for m in model.modules() for v in vars(m).values() if isinstance(v, Tensor))
     view = copy.deepcopy(model, shared)
     for name in names:
         m = view.get_submodule(name)

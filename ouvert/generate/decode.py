@@ -60,7 +60,10 @@ def decode_model(model, batch: int):
     Made once per model and its weights: a model whose tensors were replaced gets a new view."""
     if batch > BLOCK_KERNEL_MAX_ROWS or not kernels.available() or model.embed_tokens.weight.device.type != "cpu":
         return model
-    weights = tuple(t.data_ptr() for t in model.parameters())
+    params = [t.data for t in model.parameters()]
+    if any(type(t) is not torch.Tensor for t in params):  # sharded (DTensor, FSDP): torch's products
+        return model
+    weights = tuple(t.data_ptr() for t in params)
     entry = _views.get(model)
     if entry is None or entry[0] != weights:
         entry = _views[model] = (weights, float_rows_view(model) or model)
