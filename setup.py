@@ -26,7 +26,8 @@ else:
         # -fopenmp: at::parallel_for is inlined here, and without it runs on one thread.
         extra_compile_args=["-O3", "-ffp-contract=off", "-fopenmp"],
         extra_link_args=["-fopenmp"],
-        depends=[f"{src}/{f}" for f in ("kernels.h", "impl.h", "blocks.h", "avx2_shared.h", "kernels_avx512.cpp")],
+        depends=[f"{src}/{f}" for f in ("kernels.h", "impl.h", "blocks.h", "avx2_shared.h", "kquant_dots.h",
+                                        "kernels_avx512.cpp")],
     )]
     cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=False)}
 

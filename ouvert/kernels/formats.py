@@ -103,10 +103,13 @@ def _k_quant(b: Tensor, q: Tensor) -> Tensor:
     return ((d * sc).unsqueeze(-1) * q - (dmin * mn).unsqueeze(-1)).reshape(b.shape[0], 256)
 
 
-def _q4_k(b: Tensor) -> Tensor:
+def _q4_k_ints(b: Tensor) -> Tensor:
     qs = b[:, 16:144].reshape(-1, 4, 32)  # group g: low nibbles are sub-block 2g, high ones 2g + 1
-    q = torch.stack([qs & 0x0F, qs >> 4], dim=2).reshape(-1, 8, 32).float()
-    return _k_quant(b, q)
+    return torch.stack([qs & 0x0F, qs >> 4], dim=2).reshape(-1, 8, 32).long()  # (B, 8, 32)
+
+
+def _q4_k(b: Tensor) -> Tensor:
+    return _k_quant(b, _q4_k_ints(b).float())
 
 
 def _q5_k(b: Tensor) -> Tensor:
@@ -117,22 +120,28 @@ def _q5_k(b: Tensor) -> Tensor:
     return _k_quant(b, (nib | (bit << 4)).float())
 
 
-def _q6_k(b: Tensor) -> Tensor:
+def _q6_k_ints(b: Tensor) -> tuple[Tensor, Tensor]:
+    """A Q6_K super-block's 256 integers, -32..31, as (B, 16, 16), and its 16 scales d * scale_k (B, 16),
+    scale k for values 16k .. 16k + 15."""
     ql, qh = b[:, 0:128].long().reshape(-1, 2, 64), b[:, 128:192].long().reshape(-1, 2, 32)
-    sc = b[:, 192:208].view(torch.int8).float().reshape(-1, 2, 8)
-    d = _f16(b[:, 208:210]).unsqueeze(-1)  # (B, 1, 1)
+    sc = b[:, 192:208].view(torch.int8).float()
+    d = _f16(b[:, 208:210])  # (B, 1)
     q = torch.stack([  # (B, half, 4 quarters of 32 values)
         (ql[..., :32] & 0x0F) | ((qh >> 0) & 3) << 4,
         (ql[..., 32:] & 0x0F) | ((qh >> 2) & 3) << 4,
         (ql[..., :32] >> 4) | ((qh >> 4) & 3) << 4,
         (ql[..., 32:] >> 4) | ((qh >> 6) & 3) << 4,
-    ], dim=2).float() - 32  # (B, 2, 4, 32)
-    scale = (d * sc).reshape(-1, 2, 4, 2, 1)  # scale k of a half covers 16 values: quarter k // 2, part k % 2
-    return (scale * q.reshape(-1, 2, 4, 2, 16)).reshape(b.shape[0], 256)
+    ], dim=2) - 32  # (B, 2, 4, 32)
+    return q.reshape(-1, 16, 16), d * sc
+
+
+def _q6_k(b: Tensor) -> Tensor:
+    q, scale = _q6_k_ints(b)
+    return (scale.unsqueeze(-1) * q.float()).reshape(b.shape[0], 256)
 
 
 # ---- integer dot products on quantized activations (csrc/impl.h) ------------------------------------
-INTEGER_TYPES = ("Q8_0", "Q4_0", "Q4_1")  # the weight formats the kernels multiply in integers
+INTEGER_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")  # the weight formats the kernels multiply in integers
 
 
 def quantize_activations(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -147,10 +156,19 @@ def quantize_activations(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def integer_parts(blocks: Tensor, qtype: str) -> tuple[Tensor, Tensor, Tensor | None]:
-    """A Q8_0 / Q4_0 / Q4_1 weight (N, bytes) as integers (N, nb, 32), scales (N, nb) and, for Q4_1,
-    offsets (N, nb): value = scale * integer (+ offset)."""
+    """A weight (N, bytes) as integers (N, G, g) in G groups of g values sharing a scale, the scales
+    (N, G) and, for Q4_1 and Q4_K, offsets (N, G): value = scale * integer (+ offset). g is 32, but
+    16 for Q6_K (a scale per 16 values)."""
     t = TYPES[qtype]
     b = blocks.reshape(-1, t.bytes)
+    n = blocks.shape[0]
+    if qtype == "Q4_K":
+        d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])
+        sc, mn = _k_scales_mins(b[:, 4:16])
+        return _q4_k_ints(b).reshape(n, -1, 32), (d * sc).reshape(n, -1), (-(dmin * mn)).reshape(n, -1)
+    if qtype == "Q6_K":
+        q, scale = _q6_k_ints(b)
+        return q.reshape(n, -1, 16), scale.reshape(n, -1), None
     d = _f16(b[:, 0:2])[:, 0]
     if qtype == "Q8_0":
         q, m = b[:, 2:].view(torch.int8).long(), None
@@ -158,17 +176,18 @@ def integer_parts(blocks: Tensor, qtype: str) -> tuple[Tensor, Tensor, Tensor | 
         qs = b[:, 2:18] if qtype == "Q4_0" else b[:, 4:20]
         q = torch.cat([qs & 0x0F, qs >> 4], dim=1).long() - (8 if qtype == "Q4_0" else 0)
         m = _f16(b[:, 2:4])[:, 0] if qtype == "Q4_1" else None
-    n = blocks.shape[0]
     return q.reshape(n, -1, 32), d.reshape(n, -1), None if m is None else m.reshape(n, -1)
 
 
 def integer_matmul(x: Tensor, blocks: Tensor, qtype: str) -> Tensor:
     """The kernels' integer path, plainly: activations quantized per block, exact integer sums per
-    block pair, then sum over blocks of (d_w * d_x) * sum (+ (m_w * d_x) * sum of q_x), in float64."""
+    group, then sum over groups of (d_w * d_x) * sum (+ (m_w * d_x) * sum of q_x), in float64."""
     lead, K = x.shape[:-1], x.shape[-1]
     q, d = quantize_activations(x.reshape(-1, K))
-    qx = q.reshape(q.shape[0], -1, 32).double()  # (M, nb, 32)
     qw, dw, mw = integer_parts(blocks, qtype)
+    g = qw.shape[-1]  # values per weight scale: 32, or 16 (an activation block's scale then serves two)
+    qx = q.reshape(q.shape[0], -1, g).double()  # (M, G, g)
+    d = d.repeat_interleave(32 // g, dim=-1)  # (M, G)
     isum = torch.einsum("mbi,nbi->mnb", qx, qw.double())  # exact: |sum| < 2^20
     y = ((dw.unsqueeze(0) * d.unsqueeze(1)).double() * isum).sum(-1)
     if mw is not None:

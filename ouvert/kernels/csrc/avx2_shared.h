@@ -14,7 +14,11 @@ static inline void nibbles16(const uint8_t* qs, uint8_t* lo, uint8_t* hi, int bi
 // into 8 lanes of int32; each block's 8 partial sums become floats and join a float accumulator
 // through d_w * d_x.
 static inline __m256i dot_u8_i8(__m256i u, __m256i s) {
+#ifdef OUVERT_VNNI
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);  // the same sums, in one instruction
+#else
   return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
 }
 static inline __m256i nibbles32(const uint8_t* qs) {  // low nibbles in bytes 0-15, high in 16-31
   const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
@@ -27,6 +31,8 @@ static inline float hsum8(__m256 v) {
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
 }
+#include "kquant_dots.h"
+
 #ifndef OUVERT_WIDE_QDOTS  // kernels_avx512.cpp has its own, two blocks per 512-bit instruction
 // Two accumulators, even and odd blocks, so that consecutive blocks' multiply-adds do not wait for
 // each other; the order is fixed, so a row's result still depends on nothing but that row.
@@ -110,6 +116,8 @@ static inline void qdot_rows(int qtype, const uint8_t* w, const int8_t* qx, int6
   switch (qtype) {
     case Q8_0: return qdot_rows_signed<R>(w, 34, false, qx, K, dx, nb, out, ldo);
     case Q4_0: return qdot_rows_signed<R>(w, 18, true, qx, K, dx, nb, out, ldo);
+    case Q4_K: return qdot_rows_q4_k<R>(w, qx, K, dx, sx, nb, out, ldo);
+    case Q6_K: return qdot_rows_q6_k<R>(w, qx, K, dx, nb, out, ldo);
     default: return qdot_rows_q4_1<R>(w, qx, K, dx, sx, nb, out, ldo);
   }
 }

@@ -95,7 +95,7 @@ static const float* decode_row(int qtype, const uint8_t* row, int64_t K, float* 
   return out;
 }
 
-// ---- integer dot products on quantized activations (Q8_0, Q4_0, Q4_1 weights) -------------------
+// ---- integer dot products on quantized activations (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K weights) -------
 // Each row of x is quantized once per product, in blocks of 32 as Q8_0 stores weights:
 //   d = max|x| / 127, q = x / d rounded half away from zero (written as x * (1 / d)), s = sum q.
 // A weight block times an activation block is then d_w * d_x * (integer sum of q_w * q_x), plus, for
@@ -123,6 +123,8 @@ static float qdot(int qtype, const uint8_t* w, const int8_t* qx, const float* dx
   switch (qtype) {
     case Q8_0: return qdot_q8_0(w, qx, dx, nb);
     case Q4_0: return qdot_q4_0(w, qx, dx, nb);
+    case Q4_K: return qdot_q4_k(w, qx, dx, sx, nb);
+    case Q6_K: return qdot_q6_k(w, qx, dx, nb);
     default: return qdot_q4_1(w, qx, dx, sx, nb);
   }
 }

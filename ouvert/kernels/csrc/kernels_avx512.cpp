@@ -132,6 +132,8 @@ static inline void qdot_rows(int qtype, const uint8_t* w, const int8_t* qx, int6
   switch (qtype) {
     case Q8_0: return qdot_rows_signed<R>(w, 34, false, qx, K, dx, nb, out, ldo);
     case Q4_0: return qdot_rows_signed<R>(w, 18, true, qx, K, dx, nb, out, ldo);
+    case Q4_K: return qdot_rows_q4_k<R>(w, qx, K, dx, sx, nb, out, ldo);
+    case Q6_K: return qdot_rows_q6_k<R>(w, qx, K, dx, nb, out, ldo);
     default: return qdot_rows_q4_1<R>(w, qx, K, dx, sx, nb, out, ldo);
   }
 }

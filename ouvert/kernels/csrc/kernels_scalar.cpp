@@ -90,6 +90,8 @@ static inline float qdot_q4_1(const uint8_t* w, const int8_t* qx, const float* d
 }
 
 static float qdot(int qtype, const uint8_t* w, const int8_t* qx, const float* dx, const int32_t* sx, int64_t nb);
+static inline float qdot_q4_k(const uint8_t* w, const int8_t* qx, const float* dx, const int32_t* sx, int64_t nb);
+static inline float qdot_q6_k(const uint8_t* w, const int8_t* qx, const float* dx, int64_t nb);
 // R rows at a time (the AVX paths share the weight block's unpacking among them): here, one by one.
 template <int R>
 static inline void qdot_rows(int qtype, const uint8_t* w, const int8_t* qx, int64_t K, const float* dx,
@@ -98,5 +100,42 @@ static inline void qdot_rows(int qtype, const uint8_t* w, const int8_t* qx, int6
 }
 
 #include "impl.h"
+
+// The k-quants' integer dots (kquant_dots.h says how), in plain loops.
+static inline float qdot_q4_k(const uint8_t* w, const int8_t* qx, const float* dx, const int32_t* sx, int64_t nb) {
+  float acc = 0.0f, offsets = 0.0f;
+  for (int64_t b = 0; b < nb; w += 144) {
+    const float d = half_to_float(load_u16(w)), dmin = half_to_float(load_u16(w + 2));
+    for (int j = 0; j < 8; j++, b++) {
+      int sc, m;
+      k_scale_min(w + 4, j, &sc, &m);
+      const uint8_t* qs = w + 16 + 32 * (j / 2);
+      int32_t sum = 0;
+      for (int i = 0; i < 32; i++) sum += ((j & 1 ? qs[i] >> 4 : qs[i]) & 0x0F) * qx[32 * b + i];
+      acc += d * float(sc) * dx[b] * float(sum);
+      offsets -= dmin * float(m) * dx[b] * float(sx[b]);
+    }
+  }
+  return acc + offsets;
+}
+static inline float qdot_q6_k(const uint8_t* w, const int8_t* qx, const float* dx, int64_t nb) {
+  float acc = 0.0f;
+  for (int64_t b = 0; b < nb; w += 210) {
+    const int8_t* scales = reinterpret_cast<const int8_t*>(w + 192);
+    const float d = half_to_float(load_u16(w + 208));
+    for (int c = 0; c < 8; c++, b++) {
+      const int h = c / 4, k = c % 4;
+      const uint8_t* ql = w + 64 * h + 32 * (k & 1);
+      const uint8_t* qh = w + 128 + 32 * h;
+      int32_t sums[2] = {0, 0};
+      for (int i = 0; i < 32; i++) {
+        const int q = (((k >= 2 ? ql[i] >> 4 : ql[i]) & 0x0F) | (((qh[i] >> (2 * k)) & 3) << 4)) - 32;
+        sums[i / 16] += q * qx[32 * b + i];
+      }
+      acc += d * float(scales[2 * c]) * dx[b] * float(sums[0]) + d * float(scales[2 * c + 1]) * dx[b] * float(sums[1]);
+    }
+  }
+  return acc;
+}
 
 }  // namespace ouvert_kernels::scalar
