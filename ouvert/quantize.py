@@ -187,9 +187,45 @@ class Int4Linear(nn.Module):
                 f"int4 group_size={self.group_size}")
 
 
-# Rows up to which a BlockLinear runs ouvert's kernel (decode steps, serving steps); above, prefill
-# dequantizes slices of the weight and runs torch's matmul.
+# Rows up to which a BlockLinear always runs ouvert's kernel (decode steps, serving steps, the engine's
+# prefill chunks); above (a whole prompt at once), whichever of the kernel in chunks of this many rows
+# and dequantize-then-matmul was faster when measured on this machine (prefill_on_kernels).
 BLOCK_KERNEL_MAX_ROWS = 64
+_prefill_choice: dict[tuple[int, torch.dtype], bool] = {}
+
+
+def prefill_on_kernels(w: Tensor, qtype: int, x: Tensor) -> bool:
+    """Whether a product of many rows runs faster on the kernels (in chunks of BLOCK_KERNEL_MAX_ROWS
+    rows) than through dequantize-then-matmul: timed once per block type and activation dtype, on
+    the first weight that asks (at most 1024 of its rows), best of two runs each."""
+    key = (qtype, x.dtype)
+    if key not in _prefill_choice:
+        import time
+
+        rows = w[:1024]
+        probe = torch.randn(BLOCK_KERNEL_MAX_ROWS, x.shape[-1], dtype=x.dtype)
+
+        def best(fn) -> float:
+            times = []
+            for _ in range(3):  # the first run warms up
+                t = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t)
+            return min(times[1:])
+
+        every = torch.arange(rows.shape[0])
+        kernel = best(lambda: kernels.block_matmul(probe, rows, qtype))
+        torch_mm = best(lambda: F.linear(probe, kernels.block_rows(rows, qtype, every).to(x.dtype)))
+        _prefill_choice[key] = kernel < torch_mm
+    return _prefill_choice[key]
+
+
+def chunked_block_matmul(x: Tensor, w: Tensor, qtype: int) -> Tensor:
+    """block_matmul over many rows, BLOCK_KERNEL_MAX_ROWS at a time (their activations stay in cache)."""
+    flat = x.reshape(-1, x.shape[-1])
+    y = torch.cat([kernels.block_matmul(flat[i : i + BLOCK_KERNEL_MAX_ROWS], w, qtype)
+                   for i in range(0, flat.shape[0], BLOCK_KERNEL_MAX_ROWS)])
+    return y.view(*x.shape[:-1], w.shape[0])
 
 
 class BlockLinear(nn.Module):
@@ -215,8 +251,11 @@ class BlockLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.numel() // self.in_features <= BLOCK_KERNEL_MAX_ROWS:
             y = kernels.block_matmul(x, self.weight, self.qtype)
-            return y if self.bias is None else y + self.bias.to(x.dtype)
-        return dequantized_linear(x, partial(self.dequantize, x.dtype), self.out_features, self.bias)
+        elif kernels.isa() != "twin" and prefill_on_kernels(self.weight, self.qtype, x):
+            y = chunked_block_matmul(x, self.weight, self.qtype)
+        else:
+            return dequantized_linear(x, partial(self.dequantize, x.dtype), self.out_features, self.bias)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def extra_repr(self) -> str:
         t = kernels.block_type(self.qtype)

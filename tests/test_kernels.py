@@ -281,3 +281,30 @@ def test_compiled_decode_of_the_real_gguf_equals_eager(smollm2):
         warnings.simplefilter("error", UserWarning)  # no fall-back to eager decoding
         compiled = generate(stored, prompt, 8, compile=True)
     assert compiled == generate(stored, prompt, 8)
+
+
+@needs_ext
+def test_prefill_takes_the_path_measured_faster():
+    """Above 64 rows a BlockLinear runs the kernels in chunks of 64 rows, or dequantizes and calls torch's
+    matmul: whichever was faster when timed once on this machine. Either way the numbers are what that
+    path gives: the kernels' rows exactly (row invariance), or torch's product of the decoded weight."""
+    from ouvert.quantize import BlockLinear, _prefill_choice, prefill_on_kernels
+
+    qtype = TYPES["Q8_0"].id
+    lin = BlockLinear(256, 96, qtype)
+    lin.weight = random_blocks("Q8_0", 96, 256)
+    x = torch.randn(150, 256)
+    key = (qtype, x.dtype)
+    saved = _prefill_choice.pop(key, None)
+    try:
+        choice = prefill_on_kernels(lin.weight, qtype, x)
+        assert _prefill_choice[key] == choice and prefill_on_kernels(lin.weight, qtype, x) == choice  # kept
+        _prefill_choice[key] = True
+        assert torch.equal(lin(x), kernels.block_matmul(x, lin.weight, qtype))
+        _prefill_choice[key] = False
+        wf = kernels.dequantize(lin.weight, "Q8_0")
+        assert ((lin(x) - x @ wf.T).abs() <= _bound(x, wf)).all()
+    finally:
+        _prefill_choice.pop(key)
+        if saved is not None:
+            _prefill_choice[key] = saved

@@ -236,10 +236,10 @@ def decode_tensor(t: GGUFTensor, path: Path) -> Tensor:
             f"{path}: tensor {t.name!r} is {qt.name}, a quantization type ouvert does not read; "
             f"it reads {', '.join(_READ_TYPES)}"
         )
-    if qt in (Q.F32, Q.F16):
-        return torch.from_numpy(np.array(t.data)).reshape(t.shape)
+    if qt in (Q.F32, Q.F16):  # views of the file's pages (copy-on-write): no copy
+        return torch.from_numpy(t.data).reshape(t.shape)
     if qt == Q.BF16:
-        return torch.from_numpy(np.array(t.data)).view(torch.bfloat16).reshape(t.shape)
+        return torch.from_numpy(t.data).view(torch.bfloat16).reshape(t.shape)
     return torch.from_numpy(g.quants.dequantize(np.asarray(t.data), qt)).reshape(t.shape)
 
 
@@ -651,7 +651,9 @@ class GGUFFile:
         self.path = path
         with open(path, "rb") as fh:
             try:
-                self.buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+                # copy-on-write: tensors are views of the file's pages (no copy on load), and a write to
+                # one (training a loaded model) copies that page privately, never reaching the file
+                self.buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
             except ValueError:  # an empty file cannot be mapped
                 raise CheckpointError(f"{path}: not a GGUF file (empty)") from None
         self.size = len(self.buf)
