@@ -7,6 +7,7 @@ memory loading the file adds, one JSON line at the end.
 
     .venv/bin/python bench/blocks.py [--shapes smollm2-135m,llama-3.2-1b,deepseek-v3-small]
         [--types bf16,q8_0,q4_k_m] [--prompt-len 256] [--new-tokens 64] [--repeats 2] [--threads 2]
+        [--compile]
 
 llama.cpp is cyllama's prebuilt build (AVX2, flash attention off); llama.cpp's own llama-bench binary
 is in no registry package here (xllamacpp ships the library without its tools), so its pp / tg method
@@ -22,6 +23,7 @@ import json
 import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -34,7 +36,7 @@ import ouvert  # noqa: E402
 from ouvert import kernels  # noqa: E402
 from ouvert.checkpoint.gguf import write_gguf  # noqa: E402
 from ouvert.generate.cache import Cache  # noqa: E402
-from ouvert.generate.decode import decode_model, decode_step, prefill  # noqa: E402
+from ouvert.generate.decode import compiled_decode_step, decode_model, decode_step, prefill  # noqa: E402
 from ouvert.quantize import quantize_model  # noqa: E402
 
 SHAPES = ("smollm2-135m", "llama-3.2-1b", "deepseek-v3-small")
@@ -63,20 +65,22 @@ def ensure_ggufs(shape: str, types: list[str], seed: int = 0) -> dict[str, Path]
     return paths
 
 
-@torch.inference_mode()
-def ouvert_rates(model, prompt: list[int], n: int) -> tuple[float, float]:
+def ouvert_rates(model, prompt: list[int], n: int, compile: bool = False) -> tuple[float, float]:
     """(decode tokens/s over n greedy one-token steps after prompt, prefill tokens/s of prompt), the
-    way generate() runs them: prefill on the model, decode steps on decode_model(model, 1)."""
+    way generate() runs them: prefill on the model, decode steps on decode_model(model, 1), compiled
+    (generate(compile=True)'s step) when asked."""
     tokens = torch.tensor([prompt])
     cache = Cache(model, 1, len(prompt) + n)
     t = time.perf_counter()
-    logits, pos = prefill(model, tokens, torch.ones_like(tokens, dtype=torch.bool), cache)
+    with torch.inference_mode():
+        logits, pos = prefill(model, tokens, torch.ones_like(tokens, dtype=torch.bool), cache)
     t_prefill = time.perf_counter() - t
-    step = decode_model(model, 1)
+    view = decode_model(model, 1)
+    step = compiled_decode_step(view) if compile else partial(decode_step, view)
     tok = logits.argmax(-1)
     t = time.perf_counter()
     for _ in range(n - 1):
-        tok = decode_step(step, tok, pos, cache).argmax(-1)
+        tok = step(tok, pos, cache).argmax(-1)
         pos = pos + 1
     return (n - 1) / (time.perf_counter() - t), len(prompt) / t_prefill
 
@@ -94,6 +98,7 @@ def main(argv=None) -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--compile", action="store_true", help="also ouvert's decode step through torch.compile")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     load = [os.getloadavg()[0]]
@@ -113,13 +118,17 @@ def main(argv=None) -> None:
             model = ouvert.load_model(path)
             ouvert_rates(model, prompt[:32], 4)  # warm-up
             ours = best(args.repeats, ouvert_rates, model, prompt, args.new_tokens)
+            compiled = None
+            if args.compile:
+                ouvert_rates(model, prompt[:32], 4, True)  # compiles
+                compiled = best(args.repeats, ouvert_rates, model, prompt, args.new_tokens, True)[0]
             del model
             gc.collect()
             theirs = best(args.repeats, llama_cpp_rates, args.threads, prompt[:32], args.new_tokens, prompt, path)
             peak = peak_load_bytes("stored", path)
             bound = bandwidth * 1e9 / read
             row = {"shape": shape, "type": t, "file_bytes": path.stat().st_size, "bytes_per_token": read,
-                   "ouvert": {"decode": ours[0], "prefill": ours[1]},
+                   "ouvert": {"decode": ours[0], "prefill": ours[1], "decode_compiled": compiled},
                    "llama.cpp": {"decode": theirs[0], "prefill": theirs[1]},
                    "decode_ratio": ours[0] / theirs[0], "prefill_ratio": ours[1] / theirs[1],
                    "decode_bound": bound, "peak_load_bytes": peak}
@@ -127,7 +136,8 @@ def main(argv=None) -> None:
             print(f"{shape:18s} {t:7s} decode {ours[0]:7.1f} vs {theirs[0]:7.1f} tok/s ({row['decode_ratio']:.2f}x, "
                   f"{ours[0] / bound:.0%} of {bound:.0f})  prefill {ours[1]:7.1f} vs {theirs[1]:7.1f} "
                   f"({row['prefill_ratio']:.2f}x)  peak load {peak / 1e6:.0f} MB = {peak / row['file_bytes']:.2f}x "
-                  "the file", flush=True)
+                  "the file" + (f"; compiled decode {compiled:.1f} ({compiled / theirs[0]:.2f}x)" if compiled else ""),
+                  flush=True)
     load.append(os.getloadavg()[0])
     print(f"load average {load[0]:.1f} -> {load[1]:.1f}")
     print(json.dumps({"bench": "blocks", "cpu": cpu_name(), "isa": kernels.isa(), "threads": args.threads,

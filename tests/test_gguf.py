@@ -672,6 +672,19 @@ def test_deepseek_experts_in_blocks(deepseek_dir, tok_dir, tmp_path, scheme):
     assert np.median(np.abs(theirs - ours)) < 0.03 * np.abs(ours).max() and agree > 0.75
 
 
+def test_compiled_decode_with_experts_in_blocks_equals_eager(deepseek_dir):
+    """A compiled decode step keeps the routed experts in blocks as one opaque op (ouvert::block_experts):
+    the same greedy tokens as eager decoding."""
+    from ouvert.quantize import quantize_model
+
+    if not kernels.available():
+        pytest.skip("ouvert's C++ kernels are not built")
+    model = quantize_model(ouvert.load_model(deepseek_dir), "q8_0")
+    prompt = list(range(5, 21))
+    eager = ouvert.generate(model, prompt, 8, stop_token_ids=[])
+    assert ouvert.generate(model, prompt, 8, stop_token_ids=[], compile=True) == eager
+
+
 def test_export_k_quants_from_float(block_dir, tmp_path):
     """`--type q4_k_m` on a float checkpoint: ouvert's own k-quant encoder, then the blocks as above."""
     path = export_gguf(block_dir, tmp_path / "k.gguf", "q4_k_m")
