@@ -615,17 +615,23 @@ def test_quantize_to_blocks_saves_loads_and_exports_as_stored(block_dir, tok_dir
     # export copies the blocks (q and k rows reordered whole, as llama.cpp wants them): reading the file
     # back gives the same tensors and the same logits, to the bit
     gguf_file = export_gguf(out, tmp_path / f"{scheme}.gguf")
+    theirs, ours = _read_back_and_run_llama_cpp(model, gguf_file, x, y)
+    # llama.cpp runs the file: teacher-forced logits near ours (it multiplies on 8-bit activations)
+    assert np.abs(theirs - ours).max() < 0.03 * (ours.max() - ours.min())
+
+
+def _read_back_and_run_llama_cpp(model, gguf_file, x, y) -> tuple[np.ndarray, np.ndarray]:
+    """load_model(gguf_file) holds model's tensors and gives its logits y on x, to the bit; then
+    llama.cpp's and model's teacher-forced logits on x's first 48 tokens."""
     back = ouvert.load_model(gguf_file)
     for (name, t), u in zip(model.state_dict().items(), back.state_dict().values()):
         assert torch.equal(t, u), name
     with torch.no_grad():
         assert torch.equal(back(x), y)
-    # llama.cpp runs the file: teacher-forced logits near ours (it multiplies on 8-bit activations)
     tokens = x[0].tolist()[:48]
     theirs = _llama_cpp_logits(_llama_cpp_model(gguf_file), tokens)
     with torch.no_grad():
-        ours = model(torch.tensor([tokens]))[0].numpy()
-    assert np.abs(theirs - ours).max() < 0.03 * (ours.max() - ours.min())
+        return theirs, model(torch.tensor([tokens]))[0].numpy()
 
 
 @pytest.mark.parametrize("scheme", ["q8_0", "q4_1"])
@@ -656,16 +662,8 @@ def test_deepseek_experts_in_blocks(deepseek_dir, tok_dir, tmp_path, scheme):
     gguf_file = export_gguf(out, tmp_path / f"{scheme}.gguf", "f32")  # blocks as they are, the rest (kv_b) in f32
     stored = {t.name: t.tensor_type.name for t in gguf.GGUFReader(gguf_file).tensors}
     assert stored["blk.1.ffn_down_exps.weight"] == scheme.upper()
-    back = ouvert.load_model(gguf_file)
-    assert isinstance(back.layers[1].mlp.experts, BlockExperts)
-    for (name, t), u in zip(model.state_dict().items(), back.state_dict().values()):
-        assert torch.equal(t, u), name
-    with torch.no_grad():
-        assert torch.equal(back(x), y)
-    tokens = x[0].tolist()[:48]
-    theirs = _llama_cpp_logits(_llama_cpp_model(gguf_file), tokens)
-    with torch.no_grad():
-        ours = model(torch.tensor([tokens]))[0].numpy()
+    assert isinstance(ouvert.load_model(gguf_file).layers[1].mlp.experts, BlockExperts)
+    theirs, ours = _read_back_and_run_llama_cpp(model, gguf_file, x, y)
     # llama.cpp quantizes the activations too, which flips a few more expert choices: median measured
     # 0.5% (q8_0) and 0.6% (q4_1) of the largest logit, top-1 agreement 88% and 83%
     agree = (theirs.argmax(-1) == ours.argmax(-1)).mean()

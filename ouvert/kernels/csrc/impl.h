@@ -129,6 +129,21 @@ static float qdot(int qtype, const uint8_t* w, const int8_t* qx, const float* dx
   }
 }
 
+#ifndef OUVERT_PLAIN_QDOT_ROWS
+// R activation rows against one weight row (the SIMD paths' qdot_rows_* share each block's unpacking).
+template <int R>
+static inline void qdot_rows(int qtype, const uint8_t* w, const int8_t* qx, int64_t K, const float* dx,
+                             const int32_t* sx, int64_t nb, float* out, int64_t ldo) {
+  switch (qtype) {
+    case Q8_0: return qdot_rows_signed<R>(w, 34, false, qx, K, dx, nb, out, ldo);
+    case Q4_0: return qdot_rows_signed<R>(w, 18, true, qx, K, dx, nb, out, ldo);
+    case Q4_K: return qdot_rows_q4_k<R>(w, qx, K, dx, sx, nb, out, ldo);
+    case Q6_K: return qdot_rows_q6_k<R>(w, qx, K, dx, nb, out, ldo);
+    default: return qdot_rows_q4_1<R>(w, qx, K, dx, sx, nb, out, ldo);
+  }
+}
+#endif
+
 // y = x W^T through qdot: xq (M, K) int8, xd and xs (M, K / 32).
 void matmul_q8(int qtype, const int8_t* xq, const float* xd, const int32_t* xs, int64_t M, int64_t K,
                const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n1, float* y, int64_t ldy) {

@@ -126,17 +126,6 @@ static inline void qdot_rows_q4_1(const uint8_t* w, const int8_t* qx, int64_t K,
   }
   for (int r = 0; r < R; r++) out[r * ldo] = hsum_pair(acc[r]) + (offsets[r][0] + offsets[r][1]);
 }
-template <int R>
-static inline void qdot_rows(int qtype, const uint8_t* w, const int8_t* qx, int64_t K, const float* dx,
-                             const int32_t* sx, int64_t nb, float* out, int64_t ldo) {
-  switch (qtype) {
-    case Q8_0: return qdot_rows_signed<R>(w, 34, false, qx, K, dx, nb, out, ldo);
-    case Q4_0: return qdot_rows_signed<R>(w, 18, true, qx, K, dx, nb, out, ldo);
-    case Q4_K: return qdot_rows_q4_k<R>(w, qx, K, dx, sx, nb, out, ldo);
-    case Q6_K: return qdot_rows_q6_k<R>(w, qx, K, dx, nb, out, ldo);
-    default: return qdot_rows_q4_1<R>(w, qx, K, dx, sx, nb, out, ldo);
-  }
-}
 static inline float qdot_q8_0(const uint8_t* w, const int8_t* qx, const float* dx, int64_t nb) {
   float y;
   qdot_rows_signed<1>(w, 34, false, qx, 0, dx, nb, &y, 0);

@@ -93,6 +93,7 @@ static float qdot(int qtype, const uint8_t* w, const int8_t* qx, const float* dx
 static inline float qdot_q4_k(const uint8_t* w, const int8_t* qx, const float* dx, const int32_t* sx, int64_t nb);
 static inline float qdot_q6_k(const uint8_t* w, const int8_t* qx, const float* dx, int64_t nb);
 // R rows at a time (the AVX paths share the weight block's unpacking among them): here, one by one.
+#define OUVERT_PLAIN_QDOT_ROWS
 template <int R>
 static inline void qdot_rows(int qtype, const uint8_t* w, const int8_t* qx, int64_t K, const float* dx,
                              const int32_t* sx, int64_t nb, float* out, int64_t ldo) {
