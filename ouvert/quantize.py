@@ -313,13 +313,13 @@ class BlockExperts(Experts):
         return x @ self.weights(w, e, x.dtype).T
 
     def forward(self, x: Tensor, expert_idx: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
-        if torch.compiler.is_compiling() and x.shape[0] <= BLOCK_KERNEL_MAX_ROWS:
-            # a compiled decode step: the same dispatch inside one opaque op, so the step stays one graph
-            y = torch.ops.ouvert.block_experts(x, expert_idx, weight, self.gate_proj, self.up_proj, self.down_proj,
-                                               [self.qtypes[w] for w in EXPERT_PROJS])
-            return y, expert_counts(expert_idx, self.n_experts)
-        tile = self.row_tile if kernels.isa() == "twin" else None  # the kernels need no tiles
-        return sorted_dispatch(x, expert_idx, weight, self.n_experts, self.expert, tile)
+        # the whole dispatch in C++ (one opaque op: a compiled decode step stays one graph), or, where
+        # the kernels do not run, in Python with the twin's products (in tiles, if the engine set them)
+        y = kernels.block_experts(x.float(), expert_idx, weight, self.gate_proj, self.up_proj, self.down_proj,
+                                  [self.qtypes[w] for w in EXPERT_PROJS])
+        if y is not None:
+            return y.to(x.dtype), expert_counts(expert_idx, self.n_experts)
+        return sorted_dispatch(x, expert_idx, weight, self.n_experts, self.expert, self.row_tile)
 
     def extra_repr(self) -> str:
         types = ", ".join(f"{w} {kernels.block_type(t).name}" for w, t in self.qtypes.items())
@@ -693,21 +693,6 @@ def _int4_experts(x: Tensor, expert_idx: Tensor, weight: Tensor, gate: Tensor, g
         return int4_mm(h, down[e], group_size, down_sz[e])
 
     return sorted_dispatch(x, expert_idx, weight, gate.shape[0], expert, row_tile or None)[0]
-
-
-@torch.library.custom_op("ouvert::block_experts", mutates_args=())
-def _block_experts(x: Tensor, expert_idx: Tensor, weight: Tensor, gate: Tensor, up: Tensor, down: Tensor,
-                   qtypes: list[int]) -> Tensor:
-    def expert(e: int, xe: Tensor) -> Tensor:
-        h = F.silu(kernels.block_matmul(xe, gate[e], qtypes[0])) * kernels.block_matmul(xe, up[e], qtypes[1])
-        return kernels.block_matmul(h, down[e], qtypes[2])
-
-    return sorted_dispatch(x, expert_idx, weight, gate.shape[0], expert)[0]
-
-
-@_block_experts.register_fake
-def _(x, *args):
-    return torch.empty_like(x)
 
 
 @_int8_experts.register_fake

@@ -9,7 +9,8 @@ Rooms:
   formats.py           the PyTorch twin: the same decoding in tensor ops, the reference in tests
 
 The C++ extension (ouvert._kernels, built by `pip install -e .` when g++ is there) registers the ops
-`ouvert::block_matmul(x, w, qtype)` and `ouvert::block_rows(w, qtype, rows)`, threaded through
+`ouvert::block_matmul(x, w, qtype)`, `ouvert::block_rows(w, qtype, rows)` and `ouvert::block_experts`
+(DeepSeek's routed experts in blocks, the dispatch in C++), threaded through
 torch's pool. Without it, the same functions below run the twin (dequantize, then F.linear), and
 ouvert says so once. Rows are independent by construction: an output row's numbers do not depend on
 the other rows of x, so a batch gives each request what it would get alone.
@@ -37,7 +38,8 @@ from ouvert.kernels.formats import (
 )
 
 __all__ = [
-    "BY_ID", "INTEGER_TYPES", "TYPES", "BlockType", "available", "block_matmul", "block_rows", "block_type",
+    "BY_ID", "INTEGER_TYPES", "TYPES", "BlockType", "available", "block_experts", "block_matmul", "block_rows",
+    "block_type",
     "dequantize", "float_matmul", "integer_dots", "integer_matmul", "isa", "quantize_activations", "row_bytes",
     "row_values",
     "set_isa", "twin_matmul", "use_integer_dots", "use_twin",
@@ -55,6 +57,11 @@ def _load():
     @torch.library.register_fake("ouvert::block_matmul")
     def _(x: Tensor, w: Tensor, qtype: int) -> Tensor:
         return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+    @torch.library.register_fake("ouvert::block_experts")
+    def _(x: Tensor, expert_idx: Tensor, weight: Tensor, gate: Tensor, up: Tensor, down: Tensor,
+          qtypes: list[int]) -> Tensor:
+        return torch.empty_like(x)
 
     @torch.library.register_fake("ouvert::block_rows")
     def _(w: Tensor, qtype: int, rows: Tensor) -> Tensor:
@@ -126,6 +133,16 @@ def block_matmul(x: Tensor, w: Tensor, qtype: int) -> Tensor:
     if _twin_only or x.device.type != "cpu" or _EXT is None:
         return twin_matmul(x, w, qtype)
     return torch.ops.ouvert.block_matmul(x, w, qtype)
+
+
+def block_experts(x: Tensor, expert_idx: Tensor, weight: Tensor, gate: Tensor, up: Tensor, down: Tensor,
+                  qtypes: list[int]) -> Tensor | None:
+    """Routed experts stacked in blocks, all in C++ (csrc/ops.cpp says the order of every sum); x
+    (N, D) float32. None where the kernels do not run (the twin, no extension): the caller then
+    dispatches in Python."""
+    if _twin_only or x.device.type != "cpu" or _EXT is None:
+        return None
+    return torch.ops.ouvert.block_experts(x, expert_idx, weight, gate, up, down, qtypes)
 
 
 def block_rows(w: Tensor, qtype: int, rows: Tensor) -> Tensor:

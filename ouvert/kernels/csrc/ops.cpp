@@ -1,11 +1,14 @@
-// The torch side of ouvert's kernels: the ops ouvert::block_matmul and ouvert::block_rows, the
+// The torch side of ouvert's kernels: the ops ouvert::block_matmul, block_rows and block_experts, the
 // choice of instruction set at load, and threads from torch's own pool (at::parallel_for), so
 // torch.set_num_threads holds. Fake (meta) implementations live in ouvert/kernels/__init__.py.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -111,20 +114,12 @@ static int64_t row_values(const at::Tensor& w, int64_t qtype) {
   return w.size(1) / bytes * values;
 }
 
-// y = x W^T: x (..., K) float32 or bfloat16, W (N, row bytes) in type qtype; y in x's dtype.
-at::Tensor block_matmul(const at::Tensor& x, const at::Tensor& w, int64_t qtype) {
-  const int64_t K = row_values(w, qtype), N = w.size(0);
-  TORCH_CHECK(x.size(-1) == K, "input has ", x.size(-1), " features, the weight ", K);
-  TORCH_CHECK(x.device().is_cpu(), "block_matmul runs on the CPU");
-  const at::Tensor xf = x.reshape({-1, K}).to(at::kFloat).contiguous();
-  const int64_t M = xf.size(0);
-  at::Tensor y = at::empty({M, N}, xf.options());
-  const float* xp = xf.data_ptr<float>();
-  const uint8_t* wp = w.data_ptr<uint8_t>();
-  float* yp = y.data_ptr<float>();
-  const int64_t row_bytes = w.size(1);
+// y (M, N) = x (M, K) W^T for contiguous float32 x, W (N, row_bytes) in type qtype, on the chosen ISA,
+// output rows split among torch's threads (each computed whole by one thread).
+static void product(int64_t qtype, const float* xp, int64_t M, int64_t K, const uint8_t* wp, int64_t row_bytes,
+                    int64_t N, float* yp) {
   const Isa* isa = g_isa;
-  // Enough output rows per task to amortize the task; each output row is computed whole by one thread.
+  // Enough output rows per task to amortize the task.
   const int64_t grain = std::max<int64_t>(1, std::min<int64_t>(64, N / (4 * at::get_num_threads())));
   if (integer_path(qtype)) {
     const int64_t nb = K / 32;
@@ -141,9 +136,73 @@ at::Tensor block_matmul(const at::Tensor& x, const at::Tensor& w, int64_t qtype)
       isa->matmul(int(qtype), xp, M, K, K, wp, row_bytes, n0, n1, yp, N, scratch.data());
     });
   }
+}
+
+// y = x W^T: x (..., K) float32 or bfloat16, W (N, row bytes) in type qtype; y in x's dtype.
+at::Tensor block_matmul(const at::Tensor& x, const at::Tensor& w, int64_t qtype) {
+  const int64_t K = row_values(w, qtype), N = w.size(0);
+  TORCH_CHECK(x.size(-1) == K, "input has ", x.size(-1), " features, the weight ", K);
+  TORCH_CHECK(x.device().is_cpu(), "block_matmul runs on the CPU");
+  const at::Tensor xf = x.reshape({-1, K}).to(at::kFloat).contiguous();
+  const int64_t M = xf.size(0);
+  at::Tensor y = at::empty({M, N}, xf.options());
+  product(qtype, xf.data_ptr<float>(), M, K, w.data_ptr<uint8_t>(), w.size(1), N, y.data_ptr<float>());
   auto shape = x.sizes().vec();
   shape.back() = N;
   return y.view(shape).to(x.scalar_type());
+}
+
+// Routed experts: y[t] = sum over token t's k experts, in increasing expert id, of
+// weight[t, j] * down_e(silu(gate_e(x_t)) * up_e(x_t)). x (N, D) float32; expert_idx, weight (N, k);
+// gate, up (E, H, bytes), down (E, D, bytes). Token-expert pairs are grouped by expert, each expert's
+// tokens one product on the kernels (whose rows do not depend on the other rows, so a token gets the
+// same numbers however many share its experts), and each token's sum runs in expert order: the
+// batch invariance the serving engine needs, with no Python per expert.
+at::Tensor block_experts(const at::Tensor& x, const at::Tensor& expert_idx, const at::Tensor& weight,
+                         const at::Tensor& gate, const at::Tensor& up, const at::Tensor& down,
+                         std::vector<int64_t> qtypes) {
+  TORCH_CHECK(qtypes.size() == 3, "block_experts: one type each for gate, up and down");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "block_experts: x (tokens, features) float32");
+  for (const at::Tensor* w : {&gate, &up, &down})
+    TORCH_CHECK(w->dim() == 3 && w->scalar_type() == at::kByte && w->is_contiguous(),
+                "block_experts: stacked weights (experts, rows, bytes) uint8");
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor idx = expert_idx.to(at::kLong).contiguous();
+  const at::Tensor wt = weight.to(at::kFloat).contiguous();
+  const int64_t N = xc.size(0), D = xc.size(1), k = idx.size(1), E = gate.size(0), H = gate.size(1);
+  const auto [gv, gb] = block_size(qtypes[0]);
+  const auto [dv, db] = block_size(qtypes[2]);
+  TORCH_CHECK(gate.size(2) / gb * gv == D && up.sizes() == gate.sizes() && down.size(1) == D &&
+              down.size(2) / db * dv == H, "block_experts: shapes do not agree");
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  for (int64_t p = 0; p < N * k; p++) TORCH_CHECK(ip[p] >= 0 && ip[p] < E, "expert ", ip[p], " out of range 0..", E - 1);
+  std::vector<int64_t> pairs(N * k);
+  for (int64_t p = 0; p < N * k; p++) pairs[p] = p;
+  std::stable_sort(pairs.begin(), pairs.end(), [&](int64_t a, int64_t b) { return ip[a] < ip[b]; });
+  at::Tensor y = at::zeros({N, D}, xc.options());
+  const float* xp = xc.data_ptr<float>();
+  const float* wp = wt.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  std::vector<float> xs, g, u, o;
+  for (int64_t start = 0; start < N * k;) {
+    const int64_t e = ip[pairs[start]];
+    int64_t end = start;
+    while (end < N * k && ip[pairs[end]] == e) end++;
+    const int64_t M = end - start;
+    xs.resize(M * D), g.resize(M * H), u.resize(M * H), o.resize(M * D);
+    for (int64_t r = 0; r < M; r++) std::memcpy(&xs[r * D], xp + pairs[start + r] / k * D, D * sizeof(float));
+    product(qtypes[0], xs.data(), M, D, gate.data_ptr<uint8_t>() + e * H * gate.size(2), gate.size(2), H, g.data());
+    product(qtypes[1], xs.data(), M, D, up.data_ptr<uint8_t>() + e * H * up.size(2), up.size(2), H, u.data());
+    for (int64_t i = 0; i < M * H; i++) g[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];  // silu(gate) * up
+    product(qtypes[2], g.data(), M, H, down.data_ptr<uint8_t>() + e * D * down.size(2), down.size(2), D, o.data());
+    for (int64_t r = 0; r < M; r++) {
+      const int64_t pair = pairs[start + r];
+      float* yt = yp + pair / k * D;
+      for (int64_t i = 0; i < D; i++) yt[i] += o[r * D + i] * wp[pair];
+    }
+    start = end;
+  }
+  return y;
 }
 
 // Rows `rows` of W as float32, (len(rows), K): an embedding lookup from blocks.
@@ -170,11 +229,14 @@ at::Tensor block_rows(const at::Tensor& w, int64_t qtype, const at::Tensor& rows
 TORCH_LIBRARY_FRAGMENT(ouvert, m) {
   m.def("block_matmul(Tensor x, Tensor w, int qtype) -> Tensor");
   m.def("block_rows(Tensor w, int qtype, Tensor rows) -> Tensor");
+  m.def("block_experts(Tensor x, Tensor expert_idx, Tensor weight, Tensor gate, Tensor up, Tensor down, "
+        "int[] qtypes) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(ouvert, CPU, m) {
   m.impl("block_matmul", &ouvert_kernels::block_matmul);
   m.impl("block_rows", &ouvert_kernels::block_rows);
+  m.impl("block_experts", &ouvert_kernels::block_experts);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
