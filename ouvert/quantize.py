@@ -50,6 +50,7 @@ suffixes: `model.layers.L.mlp.experts.J.gate_proj.weight_scale`. An int8 head is
 
 from __future__ import annotations
 
+import time
 from functools import partial
 from pathlib import Path
 
@@ -200,8 +201,6 @@ def prefill_on_kernels(w: Tensor, qtype: int, x: Tensor) -> bool:
     the first weight that asks (at most 1024 of its rows), best of two runs each."""
     key = (qtype, x.dtype)
     if key not in _prefill_choice:
-        import time
-
         rows = w[:1024]
         probe = torch.randn(BLOCK_KERNEL_MAX_ROWS, x.shape[-1], dtype=x.dtype)
 
@@ -307,10 +306,8 @@ class BlockExperts(Experts):
         rows = kernels.block_rows(flat, self.qtypes[w], torch.arange(flat.shape[0]))
         return rows.view(*blocks.shape[:-1], -1).to(dtype or self.out_dtype)
 
-    def proj(self, w: str, e: int, x: Tensor) -> Tensor:
-        if x.numel() // x.shape[-1] <= BLOCK_KERNEL_MAX_ROWS:
-            return kernels.block_matmul(x, getattr(self, w)[e], self.qtypes[w])
-        return x @ self.weights(w, e, x.dtype).T
+    def proj(self, w: str, e: int, x: Tensor) -> Tensor:  # (forward's Python dispatch: the twin's products)
+        return kernels.block_matmul(x, getattr(self, w)[e], self.qtypes[w])
 
     def forward(self, x: Tensor, expert_idx: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
         # the whole dispatch in C++ (one opaque op: a compiled decode step stays one graph), or, where
@@ -435,7 +432,7 @@ def float_rows_view(model: nn.Module) -> nn.Module | None:
     return view
 
 
-def _float_weight(m: nn.Module) -> torch.dtype | None:
+def _float_weight(m: nn.Module) -> torch.dtype:
     w = m.down_proj if isinstance(m, Experts) else m.kv_b_proj.weight if isinstance(m, MLAttention) else m.weight
     return w.dtype
 

@@ -34,43 +34,10 @@ static inline float hsum8(__m256 v) {
 #include "kquant_dots.h"
 
 #ifndef OUVERT_WIDE_QDOTS  // kernels_avx512.cpp has its own, two blocks per 512-bit instruction
-// Two accumulators, even and odd blocks, so that consecutive blocks' multiply-adds do not wait for
-// each other; the order is fixed, so a row's result still depends on nothing but that row.
-static inline float qdot_signed(const uint8_t* w, int stride, bool nibbles, const int8_t* qx, const float* dx,
-                                int64_t nb) {
-  __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
-  for (int64_t b = 0; b < nb; b++, w += stride, qx += 32) {
-    const __m256i q = nibbles ? _mm256_sub_epi8(nibbles32(w + 2), _mm256_set1_epi8(8))
-                              : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 2));
-    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx));
-    const __m256i p = dot_u8_i8(_mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q));  // |q| * (x signed as q)
-    acc[b & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(half_to_float(load_u16(w)) * dx[b]),
-                                 acc[b & 1]);
-  }
-  return hsum8(_mm256_add_ps(acc[0], acc[1]));
-}
-static inline float qdot_q8_0(const uint8_t* w, const int8_t* qx, const float* dx, int64_t nb) {
-  return qdot_signed(w, 34, false, qx, dx, nb);
-}
-static inline float qdot_q4_0(const uint8_t* w, const int8_t* qx, const float* dx, int64_t nb) {
-  return qdot_signed(w, 18, true, qx, dx, nb);
-}
-static inline float qdot_q4_1(const uint8_t* w, const int8_t* qx, const float* dx, const int32_t* sx, int64_t nb) {
-  __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
-  float offsets[2] = {0.0f, 0.0f};
-  for (int64_t b = 0; b < nb; b++, w += 20, qx += 32) {
-    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx));
-    const __m256i p = dot_u8_i8(nibbles32(w + 4), x);
-    acc[b & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(half_to_float(load_u16(w)) * dx[b]),
-                                 acc[b & 1]);
-    offsets[b & 1] += half_to_float(load_u16(w + 2)) * dx[b] * float(sx[b]);
-  }
-  return hsum8(_mm256_add_ps(acc[0], acc[1])) + (offsets[0] + offsets[1]);
-}
-
-// R activation rows against one weight row, each summed exactly as the one-row functions above sum it
-// (the same accumulators in the same order), with each weight block unpacked once for the R rows.
-// qx, dx, sx: row r at qx + r * K, dx + r * nb, sx + r * nb; row r's result at out[r * ldo].
+// R activation rows against one weight row, each weight block unpacked once for the R rows. Two
+// accumulators per row, even and odd blocks, so that consecutive blocks' multiply-adds do not wait for
+// each other; the order is fixed, so a row's result depends on nothing but that row (R = 1 is the
+// one-row dot). qx, dx, sx: row r at qx + r * K, dx + r * nb, sx + r * nb; row r's result at out[r * ldo].
 template <int R>
 static inline void qdot_rows_signed(const uint8_t* w, int stride, bool nibbles, const int8_t* qx, int64_t K,
                                     const float* dx, int64_t nb, float* out, int64_t ldo) {
@@ -83,7 +50,7 @@ static inline void qdot_rows_signed(const uint8_t* w, int stride, bool nibbles, 
     const float dw = half_to_float(load_u16(w));
     for (int r = 0; r < R; r++) {
       const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx + r * K + 32 * b));
-      const __m256i p = dot_u8_i8(aq, _mm256_sign_epi8(x, q));
+      const __m256i p = dot_u8_i8(aq, _mm256_sign_epi8(x, q));  // |q| * (x signed as q)
       acc[r][b & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * dx[r * nb + b]), acc[r][b & 1]);
     }
   }
@@ -109,5 +76,20 @@ static inline void qdot_rows_q4_1(const uint8_t* w, const int8_t* qx, int64_t K,
     }
   }
   for (int r = 0; r < R; r++) out[r * ldo] = hsum8(_mm256_add_ps(acc[r][0], acc[r][1])) + (offsets[r][0] + offsets[r][1]);
+}
+static inline float qdot_q8_0(const uint8_t* w, const int8_t* qx, const float* dx, int64_t nb) {
+  float y;
+  qdot_rows_signed<1>(w, 34, false, qx, 0, dx, nb, &y, 0);
+  return y;
+}
+static inline float qdot_q4_0(const uint8_t* w, const int8_t* qx, const float* dx, int64_t nb) {
+  float y;
+  qdot_rows_signed<1>(w, 18, true, qx, 0, dx, nb, &y, 0);
+  return y;
+}
+static inline float qdot_q4_1(const uint8_t* w, const int8_t* qx, const float* dx, const int32_t* sx, int64_t nb) {
+  float y;
+  qdot_rows_q4_1<1>(w, qx, 0, dx, sx, nb, &y, 0);
+  return y;
 }
 #endif  // OUVERT_WIDE_QDOTS

@@ -157,7 +157,7 @@ void matmul_q8(int qtype, const int8_t* xq, const float* xd, const int32_t* xs, 
 }
 
 // y[m * ldy + n] for m < M, n0 <= n < n1. x: (M, K) float32 rows ldx apart; w: rows of row_bytes;
-// scratch: K floats.
+// scratch: NROWS * K floats.
 void matmul(int qtype, const float* x, int64_t M, int64_t ldx, int64_t K, const uint8_t* w, int64_t row_bytes,
             int64_t n0, int64_t n1, float* y, int64_t ldy, float* scratch) {
   // a few input rows: 4 weight rows at a time, whose decoded floats stay in the L1 cache
