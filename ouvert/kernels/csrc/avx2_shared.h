@@ -77,19 +77,4 @@ static inline void qdot_rows_q4_1(const uint8_t* w, const int8_t* qx, int64_t K,
   }
   for (int r = 0; r < R; r++) out[r * ldo] = hsum8(_mm256_add_ps(acc[r][0], acc[r][1])) + (offsets[r][0] + offsets[r][1]);
 }
-static inline float qdot_q8_0(const uint8_t* w, const int8_t* qx, const float* dx, int64_t nb) {
-  float y;
-  qdot_rows_signed<1>(w, 34, false, qx, 0, dx, nb, &y, 0);
-  return y;
-}
-static inline float qdot_q4_0(const uint8_t* w, const int8_t* qx, const float* dx, int64_t nb) {
-  float y;
-  qdot_rows_signed<1>(w, 18, true, qx, 0, dx, nb, &y, 0);
-  return y;
-}
-static inline float qdot_q4_1(const uint8_t* w, const int8_t* qx, const float* dx, const int32_t* sx, int64_t nb) {
-  float y;
-  qdot_rows_q4_1<1>(w, qx, 0, dx, sx, nb, &y, 0);
-  return y;
-}
 #endif  // OUVERT_WIDE_QDOTS

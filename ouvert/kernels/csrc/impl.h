@@ -118,17 +118,6 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* q, float* d, in
   }
 }
 
-// One weight row (nb blocks) against one quantized activation row.
-static float qdot(int qtype, const uint8_t* w, const int8_t* qx, const float* dx, const int32_t* sx, int64_t nb) {
-  switch (qtype) {
-    case Q8_0: return qdot_q8_0(w, qx, dx, nb);
-    case Q4_0: return qdot_q4_0(w, qx, dx, nb);
-    case Q4_K: return qdot_q4_k(w, qx, dx, sx, nb);
-    case Q6_K: return qdot_q6_k(w, qx, dx, nb);
-    default: return qdot_q4_1(w, qx, dx, sx, nb);
-  }
-}
-
 #ifndef OUVERT_PLAIN_QDOT_ROWS
 // R activation rows against one weight row (the SIMD paths' qdot_rows_* share each block's unpacking).
 template <int R>
@@ -143,6 +132,23 @@ static inline void qdot_rows(int qtype, const uint8_t* w, const int8_t* qx, int6
   }
 }
 #endif
+
+// One weight row (nb blocks) against one quantized activation row.
+static float qdot(int qtype, const uint8_t* w, const int8_t* qx, const float* dx, const int32_t* sx, int64_t nb) {
+#ifdef OUVERT_PLAIN_QDOT_ROWS
+  switch (qtype) {
+    case Q8_0: return qdot_q8_0(w, qx, dx, nb);
+    case Q4_0: return qdot_q4_0(w, qx, dx, nb);
+    case Q4_K: return qdot_q4_k(w, qx, dx, sx, nb);
+    case Q6_K: return qdot_q6_k(w, qx, dx, nb);
+    default: return qdot_q4_1(w, qx, dx, sx, nb);
+  }
+#else  // the SIMD paths: their row templates at R = 1
+  float y;
+  qdot_rows<1>(qtype, w, qx, 0, dx, sx, nb, &y, 0);
+  return y;
+#endif
+}
 
 // y = x W^T through qdot: xq (M, K) int8, xd and xs (M, K / 32).
 void matmul_q8(int qtype, const int8_t* xq, const float* xd, const int32_t* xs, int64_t M, int64_t K,
