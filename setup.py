@@ -20,7 +20,7 @@ else:
     ext_modules = [CppExtension(
         "ouvert._kernels",
         [f"{src}/{f}" for f in ("ops.cpp", "kernels_scalar.cpp", "kernels_avx2.cpp", "kernels_avx512.cpp",
-                                        "kernels_avx512_vnni.cpp")],
+                                        "kernels_avx512_vnni.cpp", "kernels_avx512_bf16.cpp")],
         # No -march: the baseline is plain x86-64; each kernels_<isa>.cpp turns its own set on.
         # No fused multiply-adds except where the code asks for one, so decoding rounds as the twin does.
         # -fopenmp: at::parallel_for is inlined here, and without it runs on one thread.

@@ -149,6 +149,23 @@ def test_block_rows_decode_exactly_as_the_twin(qtype, isa):
 
 
 @needs_ext
+def test_bf16_pairs_round_the_activations_as_torch_does():
+    """On AVX-512 BF16 a bfloat16 product rounds x to bfloat16 (nearest, ties to even, as torch's
+    .bfloat16()) and sums pairs on vdpbf16ps: against identity rows, each output is x's rounded
+    value exactly, ties and the one-by-one tail (K = 70: two steps of 32, then 6) included."""
+    if "avx512_bf16" not in ISAS:
+        pytest.skip("this CPU has no AVX-512 BF16")
+    k = 70
+    x = torch.randn(3, k, generator=torch.Generator().manual_seed(0))
+    x[0, :8] = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 1 + 2**-8 + 2**-20, 2.0, -0.0, 65504.0, 1e-30])
+    x[1, -6:] = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, -(1 + 3 * 2**-8), 0.1, 1e20, -7.0])
+    w = torch.eye(k).bfloat16().view(torch.uint8)
+    with on_isa("avx512_bf16"):
+        y = kernels.block_matmul(x, w, TYPES["BF16"].id)
+    assert torch.equal(y, x.bfloat16().float())
+
+
+@needs_ext
 def test_bfloat16_inputs_and_leading_dims():
     w = random_blocks("Q4_K", 6, 256)
     x = torch.randn(2, 3, 256).bfloat16()

@@ -4,8 +4,8 @@ float16, bfloat16), without turning the weights into floats in memory.
 Rooms:
   csrc/blocks.h        each block format drawn byte by byte, with the plain loop that decodes it
   csrc/impl.h          the product, written once, included per instruction set
-  csrc/kernels_*.cpp   scalar (any CPU), AVX2 + FMA + F16C, AVX-512, AVX-512 with VNNI; chosen at
-                       load (csrc/ops.cpp)
+  csrc/kernels_*.cpp   scalar (any CPU), AVX2 + FMA + F16C, AVX-512, AVX-512 with VNNI, and with
+                       VNNI and BF16; chosen at load (csrc/ops.cpp)
   formats.py           the PyTorch twin: the same decoding in tensor ops, the reference in tests
 
 The C++ extension (ouvert._kernels, built by `pip install -e .` when g++ is there) registers the ops
@@ -86,7 +86,8 @@ def available() -> list[str]:
 
 
 def isa() -> str:
-    """The instruction set the kernels run on now: avx512_vnni, avx512, avx2, scalar, or twin."""
+    """The instruction set the kernels run on now: avx512_bf16, avx512_vnni, avx512, avx2, scalar, or
+    twin."""
     return _EXT.isa() if _EXT and not _twin_only else "twin"
 
 
@@ -121,10 +122,13 @@ def float_matmul(x: Tensor, w: Tensor, qtype: int) -> Tensor:
 
 def twin_matmul(x: Tensor, w: Tensor, qtype: int) -> Tensor:
     """The kernel's twin: the same math in plain PyTorch (integer_matmul where the kernel multiplies
-    in integers, else float_matmul); the result in x's dtype."""
+    in integers, x rounded to bfloat16 where it takes AVX-512 BF16's pairs, else float_matmul); the
+    result in x's dtype."""
     name = block_type(qtype).name
     if name in INTEGER_TYPES and integer_dots():
         return integer_matmul(x.float(), w, name).to(x.dtype)
+    if name == "BF16" and isa() == "avx512_bf16":
+        return F.linear(x.bfloat16().float(), dequantize(w, qtype)).to(x.dtype)
     return float_matmul(x, w, qtype)
 
 

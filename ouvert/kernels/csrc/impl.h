@@ -9,14 +9,24 @@
 
 #include "blocks.h"
 
-// How tile() reads weight rows: float32 (as stored, or decoded into scratch), or bfloat16 / float16
-// as stored, widened in registers (exactly: the same floats as decoding first).
-struct AsF32 {
+// How tile() reads input and weight rows, and adds their products into an accumulator. Float inputs:
+// x in float32, W lanes a step, one fused multiply-add. The weights as float32 (as stored, or decoded
+// into scratch), or bfloat16 / float16 as stored, widened in registers (exactly: the same floats as
+// decoding first).
+struct FloatInputs {
+  using X = float;
+  using V = vec;
+  static constexpr int step = W;
+  static vec xload(const float* p) { return vload(p); }
+  static float xone(const float* p) { return *p; }
+  static vec dot(vec acc, vec x, vec w) { return vfma(x, w, acc); }
+};
+struct AsF32 : FloatInputs {
   using T = float;
   static vec load(const float* p) { return vload(p); }
   static float one(const float* p) { return *p; }
 };
-struct AsBF16 {
+struct AsBF16 : FloatInputs {
   using T = uint16_t;
   static vec load(const uint16_t* p) { return vload_bf16(p); }
   static float one(const uint16_t* p) {
@@ -25,35 +35,36 @@ struct AsBF16 {
     return f;
   }
 };
-struct AsF16 {
+struct AsF16 : FloatInputs {
   using T = uint16_t;
   static vec load(const uint16_t* p) { return vload_f16(p); }
   static float one(const uint16_t* p) { return half_to_float(*p); }
 };
 
-// One output is one chain: acc += x[i : i + W] * w[i : i + W] over K in steps of W, then vsum(acc), then
-// the tail (K % W values) one by one. tile<RM, RN> computes RM input rows against RN weight rows
+// One output is one chain: acc = dot(acc, x[i : i + step], w[i : i + step]) over K, then vsum(acc), then
+// the tail (K % step values) one by one. tile<RM, RN> computes RM input rows against RN weight rows
 // with RM * RN such chains side by side (each weight vector loaded once for the RM rows, each input
 // vector once for the RN weight rows), so an output's numbers are the same in any tile: y[m, n]
 // does not depend on how many rows x has, what they hold, or how the work is split.
 template <int RM, int RN, class F>
-static void tile(const float* x, int64_t ldx, const typename F::T* const* w, int64_t K, float* y, int64_t ldy) {
+static void tile(const typename F::X* x, int64_t ldx, const typename F::T* const* w, int64_t K, float* y,
+                 int64_t ldy) {
   vec c[RM][RN];
   for (int r = 0; r < RM; r++)
     for (int j = 0; j < RN; j++) c[r][j] = vzero();
   int64_t i = 0;
-  for (; i + W <= K; i += W) {
-    vec wv[RN];
+  for (; i + F::step <= K; i += F::step) {
+    typename F::V wv[RN];
     for (int j = 0; j < RN; j++) wv[j] = F::load(w[j] + i);
     for (int r = 0; r < RM; r++) {
-      const vec xv = vload(x + r * ldx + i);
-      for (int j = 0; j < RN; j++) c[r][j] = vfma(xv, wv[j], c[r][j]);
+      const typename F::V xv = F::xload(x + r * ldx + i);
+      for (int j = 0; j < RN; j++) c[r][j] = F::dot(c[r][j], xv, wv[j]);
     }
   }
   for (int r = 0; r < RM; r++)
     for (int j = 0; j < RN; j++) {
       float s = vsum(c[r][j]);
-      for (int64_t t = i; t < K; t++) s = std::fma(x[r * ldx + t], F::one(w[j] + t), s);
+      for (int64_t t = i; t < K; t++) s = std::fma(F::xone(x + r * ldx + t), F::one(w[j] + t), s);
       y[r * ldy + j] = s;
     }
 }
@@ -65,8 +76,8 @@ constexpr int MROWS = W == 16 ? 4 : 2;
 
 // All M input rows against nr weight rows wr (nr == step, or fewer at the end of a range).
 template <class F>
-static void tiles(const float* x, int64_t M, int64_t ldx, int64_t K, const typename F::T* const* wr, int64_t nr,
-                  int64_t step, float* y, int64_t ldy) {
+static void tiles(const typename F::X* x, int64_t M, int64_t ldx, int64_t K, const typename F::T* const* wr,
+                  int64_t nr, int64_t step, float* y, int64_t ldy) {
   if (nr < step) {  // the range's last rows, one by one
     for (int64_t j = 0; j < nr; j++)
       for (int64_t m = 0; m < M; m++) tile<1, 1, F>(x + m * ldx, ldx, wr + j, K, y + m * ldy + j, ldy);
@@ -77,6 +88,22 @@ static void tiles(const float* x, int64_t M, int64_t ldx, int64_t K, const typen
     for (int j = 0; j < step; j += 4) tile<MROWS, 4, F>(x + m * ldx, ldx, wr + j, K, y + m * ldy + j, ldy);
   for (; m < M; m++)
     for (int j = 0; j < step; j += 4) tile<1, 4, F>(x + m * ldx, ldx, wr + j, K, y + m * ldy + j, ldy);
+}
+
+// A few input rows take 4 weight rows at a time, whose floats stay in the L1 cache; more take NROWS.
+static int64_t weight_step(int64_t M) { return M >= MROWS ? NROWS : 4; }
+
+// y[m * ldy + n] for m < M, n0 <= n < n1, with W's rows read as stored through F (no decoding).
+template <class F>
+static void as_stored(const typename F::X* x, int64_t M, int64_t ldx, int64_t K, const uint8_t* w,
+                      int64_t row_bytes, int64_t n0, int64_t n1, float* y, int64_t ldy) {
+  const int64_t step = weight_step(M);
+  for (int64_t n = n0; n < n1; n += step) {
+    const int64_t nr = std::min<int64_t>(step, n1 - n);
+    const typename F::T* wr[NROWS];
+    for (int64_t j = 0; j < nr; j++) wr[j] = reinterpret_cast<const typename F::T*>(w + (n + j) * row_bytes);
+    tiles<F>(x, M, ldx, K, wr, nr, step, y + n, ldy);
+  }
 }
 
 // W's row as float32: `out` filled, or (float32 weights) the row itself.
@@ -166,17 +193,14 @@ void matmul_q8(int qtype, const int8_t* xq, const float* xd, const int32_t* xs, 
 // scratch: NROWS * K floats.
 void matmul(int qtype, const float* x, int64_t M, int64_t ldx, int64_t K, const uint8_t* w, int64_t row_bytes,
             int64_t n0, int64_t n1, float* y, int64_t ldy, float* scratch) {
-  // a few input rows: 4 weight rows at a time, whose decoded floats stay in the L1 cache
-  const int64_t step = M >= MROWS ? NROWS : 4;
-  for (int64_t n = n0; n < n1; n += step) {
+  switch (qtype) {
+    case F32: return as_stored<AsF32>(x, M, ldx, K, w, row_bytes, n0, n1, y, ldy);
+    case BF16: return as_stored<AsBF16>(x, M, ldx, K, w, row_bytes, n0, n1, y, ldy);
+    case F16: return as_stored<AsF16>(x, M, ldx, K, w, row_bytes, n0, n1, y, ldy);
+  }
+  const int64_t step = weight_step(M);
+  for (int64_t n = n0; n < n1; n += step) {  // block formats: decode the rows into scratch first
     const int64_t nr = std::min<int64_t>(step, n1 - n);
-    if (qtype == BF16 || qtype == F16) {  // read as stored
-      const uint16_t* wr[NROWS];
-      for (int64_t j = 0; j < nr; j++) wr[j] = reinterpret_cast<const uint16_t*>(w + (n + j) * row_bytes);
-      if (qtype == BF16) tiles<AsBF16>(x, M, ldx, K, wr, nr, step, y + n, ldy);
-      else tiles<AsF16>(x, M, ldx, K, wr, nr, step, y + n, ldy);
-      continue;
-    }
     const float* wr[NROWS];
     for (int64_t j = 0; j < nr; j++) wr[j] = decode_row(qtype, w + (n + j) * row_bytes, K, scratch + j * K);
     tiles<AsF32>(x, M, ldx, K, wr, nr, step, y + n, ldy);

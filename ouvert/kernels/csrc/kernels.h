@@ -30,5 +30,11 @@ namespace scalar { OUVERT_ISA_DECLS }
 namespace avx2 { OUVERT_ISA_DECLS }
 namespace avx512 { OUVERT_ISA_DECLS }
 namespace avx512_vnni { OUVERT_ISA_DECLS }
+namespace avx512_bf16 {
+OUVERT_ISA_DECLS
+// y = x W^T for bfloat16 W with x rounded to bfloat16 (M, K): pairs of products on vdpbf16ps.
+void matmul_bf16(const uint16_t* x, int64_t M, int64_t K, const uint8_t* w, int64_t row_bytes, int64_t n0,
+                 int64_t n1, float* y, int64_t ldy);
+}
 
 }  // namespace ouvert_kernels

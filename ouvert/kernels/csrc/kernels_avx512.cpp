@@ -1,12 +1,16 @@
 // AVX-512 (F, BW, VL) + FMA + F16C: 16 float lanes. Only run when the CPU reports them (ops.cpp).
-// Compiled twice: as the avx512 path, and (kernels_avx512_vnni.cpp defines OUVERT_VNNI) as the
-// avx512_vnni path, whose integer dots take VNNI's vpdpbusd (the same sums in one instruction).
+// Compiled three times: as the avx512 path; (kernels_avx512_vnni.cpp defines OUVERT_VNNI) as the
+// avx512_vnni path, whose integer dots take VNNI's vpdpbusd (the same sums in one instruction); and
+// (kernels_avx512_bf16.cpp adds OUVERT_BF16) as avx512_bf16, whose bfloat16 products take vdpbf16ps.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 
-#ifdef OUVERT_VNNI
+#if defined(OUVERT_BF16)
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx512bf16,avx2,fma,f16c")
+#define OUVERT_NS avx512_bf16
+#elif defined(OUVERT_VNNI)
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")
 #define OUVERT_NS avx512_vnni
 #else
@@ -128,5 +132,27 @@ static inline void qdot_rows_q4_1(const uint8_t* w, const int8_t* qx, int64_t K,
 }
 
 #include "impl.h"
+
+#ifdef OUVERT_BF16
+// x and W both bfloat16, 32 values a step: vdpbf16ps adds 16 pairs of products into the 16 lanes of
+// an output's one chain (ops.cpp rounds x to bfloat16 once per product, as llama.cpp does for
+// bfloat16 weights).
+struct BF16Pairs {
+  using T = uint16_t;
+  using X = uint16_t;
+  using V = __m512bh;
+  static constexpr int step = 32;
+  static V load(const uint16_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
+  static V xload(const uint16_t* p) { return load(p); }
+  static vec dot(vec acc, V x, V w) { return _mm512_dpbf16_ps(acc, x, w); }
+  static float one(const uint16_t* p) { return AsBF16::one(p); }
+  static float xone(const uint16_t* p) { return AsBF16::one(p); }
+};
+
+void matmul_bf16(const uint16_t* x, int64_t M, int64_t K, const uint8_t* w, int64_t row_bytes, int64_t n0,
+                 int64_t n1, float* y, int64_t ldy) {
+  as_stored<BF16Pairs>(x, M, K, K, w, row_bytes, n0, n1, y, ldy);
+}
+#endif
 
 }  // namespace ouvert_kernels::OUVERT_NS

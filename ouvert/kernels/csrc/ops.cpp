@@ -22,13 +22,15 @@ struct Isa {
   decltype(&scalar::dequantize) dequantize;
   decltype(&scalar::quantize_rows) quantize_rows;
   decltype(&scalar::matmul_q8) matmul_q8;
+  decltype(&avx512_bf16::matmul_bf16) matmul_bf16;  // bfloat16 pairs on vdpbf16ps, or nullptr
 };
 
-#define OUVERT_ISA(ns) Isa{#ns, ns::matmul, ns::dequantize, ns::quantize_rows, ns::matmul_q8}
-static const Isa kScalar = OUVERT_ISA(scalar);
-static const Isa kAvx2 = OUVERT_ISA(avx2);
-static const Isa kAvx512 = OUVERT_ISA(avx512);
-static const Isa kAvx512Vnni = OUVERT_ISA(avx512_vnni);
+#define OUVERT_ISA(ns, bf16) Isa{#ns, ns::matmul, ns::dequantize, ns::quantize_rows, ns::matmul_q8, bf16}
+static const Isa kScalar = OUVERT_ISA(scalar, nullptr);
+static const Isa kAvx2 = OUVERT_ISA(avx2, nullptr);
+static const Isa kAvx512 = OUVERT_ISA(avx512, nullptr);
+static const Isa kAvx512Vnni = OUVERT_ISA(avx512_vnni, nullptr);
+static const Isa kAvx512Bf16 = OUVERT_ISA(avx512_bf16, avx512_bf16::matmul_bf16);
 
 // Q8_0, Q4_0, Q4_1, Q4_K and Q6_K weights take integer dot products on activations quantized to 8
 // bits per block of 32 (llama.cpp's way), unless OUVERT_INT_DOTS=0 or use_integer_dots(false).
@@ -48,7 +50,9 @@ static bool cpu_has(const std::string& isa) {
   const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                       __builtin_cpu_supports("avx512vl");
   if (isa == "avx512") return avx512;
-  if (isa == "avx512_vnni") return avx512 && __builtin_cpu_supports("avx512vnni");
+  const bool vnni = avx512 && __builtin_cpu_supports("avx512vnni");
+  if (isa == "avx512_vnni") return vnni;
+  if (isa == "avx512_bf16") return vnni && __builtin_cpu_supports("avx512bf16");
   return false;
 }
 
@@ -57,6 +61,7 @@ static const Isa* by_name(const std::string& name) {
   if (name == "avx2") return &kAvx2;
   if (name == "avx512") return &kAvx512;
   if (name == "avx512_vnni") return &kAvx512Vnni;
+  if (name == "avx512_bf16") return &kAvx512Bf16;
   return nullptr;
 }
 
@@ -65,10 +70,10 @@ static const Isa* best() {
   if (const char* forced = std::getenv("OUVERT_ISA")) {
     const Isa* isa = by_name(forced);
     TORCH_CHECK(isa && cpu_has(forced), "OUVERT_ISA=", forced, ": not an instruction set this CPU has ",
-                "(scalar, avx2, avx512, avx512_vnni)");
+                "(scalar, avx2, avx512, avx512_vnni, avx512_bf16)");
     return isa;
   }
-  for (const char* name : {"avx512_vnni", "avx512", "avx2"})
+  for (const char* name : {"avx512_bf16", "avx512_vnni", "avx512", "avx2"})
     if (cpu_has(name)) return by_name(name);
   return &kScalar;
 }
@@ -79,7 +84,7 @@ std::string isa() { return g_isa->name; }
 
 std::vector<std::string> available() {
   std::vector<std::string> out;
-  for (const char* name : {"avx512_vnni", "avx512", "avx2", "scalar"})
+  for (const char* name : {"avx512_bf16", "avx512_vnni", "avx512", "avx2", "scalar"})
     if (cpu_has(name)) out.push_back(name);
   return out;
 }
@@ -114,6 +119,14 @@ static int64_t row_values(const at::Tensor& w, int64_t qtype) {
   return w.size(1) / bytes * values;
 }
 
+// float32 to bfloat16, rounded to nearest even as torch's .bfloat16() rounds; NaN stays NaN.
+static uint16_t round_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);
+  return uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
 // y (M, N) = x (M, K) W^T for contiguous float32 x, W (N, row_bytes) in type qtype, on the chosen ISA,
 // output rows split among torch's threads (each computed whole by one thread).
 static void product(int64_t qtype, const float* xp, int64_t M, int64_t K, const uint8_t* wp, int64_t row_bytes,
@@ -129,6 +142,12 @@ static void product(int64_t qtype, const float* xp, int64_t M, int64_t K, const 
     isa->quantize_rows(xp, M, K, q.data(), d.data(), s.data());
     at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
       isa->matmul_q8(int(qtype), q.data(), d.data(), s.data(), M, K, wp, row_bytes, n0, n1, yp, N);
+    });
+  } else if (qtype == BF16 && isa->matmul_bf16) {
+    std::vector<uint16_t> xb(M * K);
+    for (int64_t i = 0; i < M * K; i++) xb[i] = round_bf16(xp[i]);
+    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+      isa->matmul_bf16(xb.data(), M, K, wp, row_bytes, n0, n1, yp, N);
     });
   } else {
     at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
