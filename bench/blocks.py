@@ -7,11 +7,11 @@ memory loading the file adds, one JSON line at the end.
 
     .venv/bin/python bench/blocks.py [--shapes smollm2-135m,llama-3.2-1b,deepseek-v3-small]
         [--types bf16,q8_0,q4_k_m] [--prompt-len 256] [--new-tokens 64] [--repeats 2] [--threads 2]
-        [--compile]
+        [--compile] [--llama-bench]
 
-llama.cpp is cyllama's prebuilt build (AVX2, flash attention off); llama.cpp's own llama-bench binary
-is in no registry package here (xllamacpp ships the library without its tools), so its pp / tg method
-is measured through the same C API instead.
+llama.cpp is cyllama's prebuilt build (AVX2, flash attention off), its pp / tg method measured through
+the C API; --llama-bench also runs llama.cpp's own llama-bench binary on each file (pp and tg beside
+cyllama's), built from source by bench/llama_bench.py the first time (about 8 minutes).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_decode as bd  # noqa: E402
+import llama_bench  # noqa: E402
 from smollm2_gguf import cpu_name, llama_cpp_rates, peak_load_bytes, read_bandwidth  # noqa: E402
 
 import ouvert  # noqa: E402
@@ -99,8 +100,11 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--compile", action="store_true", help="also ouvert's decode step through torch.compile")
+    p.add_argument("--llama-bench", action="store_true", help="also llama.cpp's llama-bench binary (built once)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.llama_bench:
+        llama_bench.build()
     load = [os.getloadavg()[0]]
     bandwidth = read_bandwidth()
     print(f"{cpu_name()}, {args.threads} threads, kernels {kernels.isa()}, read bandwidth {bandwidth:.1f} GB/s, "
@@ -125,18 +129,22 @@ def main(argv=None) -> None:
             del model
             gc.collect()
             theirs = best(args.repeats, llama_cpp_rates, args.threads, prompt[:32], args.new_tokens, prompt, path)
+            lb = (llama_bench.run(path, args.threads, args.prompt_len, args.new_tokens, args.repeats)
+                  if args.llama_bench else None)
             peak = peak_load_bytes("stored", path)
             bound = bandwidth * 1e9 / read
             row = {"shape": shape, "type": t, "file_bytes": path.stat().st_size, "bytes_per_token": read,
                    "ouvert": {"decode": ours[0], "prefill": ours[1], "decode_compiled": compiled},
                    "llama.cpp": {"decode": theirs[0], "prefill": theirs[1]},
                    "decode_ratio": ours[0] / theirs[0], "prefill_ratio": ours[1] / theirs[1],
+                   "llama-bench": lb and {"decode": lb["tg_tok_s"], "prefill": lb["pp_tok_s"]},
                    "decode_bound": bound, "peak_load_bytes": peak}
             rows.append(row)
             print(f"{shape:18s} {t:7s} decode {ours[0]:7.1f} vs {theirs[0]:7.1f} tok/s ({row['decode_ratio']:.2f}x, "
                   f"{ours[0] / bound:.0%} of {bound:.0f})  prefill {ours[1]:7.1f} vs {theirs[1]:7.1f} "
                   f"({row['prefill_ratio']:.2f}x)  peak load {peak / 1e6:.0f} MB = {peak / row['file_bytes']:.2f}x "
-                  "the file" + (f"; compiled decode {compiled:.1f} ({compiled / theirs[0]:.2f}x)" if compiled else ""),
+                  "the file" + (f"; compiled decode {compiled:.1f} ({compiled / theirs[0]:.2f}x)" if compiled else "")
+                  + (f"; llama-bench pp {lb['pp_tok_s']:.1f} tg {lb['tg_tok_s']:.1f}" if lb else ""),
                   flush=True)
     load.append(os.getloadavg()[0])
     print(f"load average {load[0]:.1f} -> {load[1]:.1f}")
