@@ -116,14 +116,14 @@ def test_rows_are_independent_of_the_batch_and_threads(qtype, isa):
 
 
 @needs_ext
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K"])
 def test_wide_integer_dots_give_avx2s_numbers(qtype):
     """The AVX-512 paths take two blocks per instruction (VNNI's vpdpbusd where present) with the
     accumulators laid out as AVX2's: the same numbers, bit for bit, odd block counts included."""
     wide = [isa for isa in ISAS if isa.startswith("avx512")]
     if "avx2" not in ISAS or not wide:
         pytest.skip("this CPU has no AVX-512")
-    for k in (32, 96, 2048):
+    for k in ((256, 768, 2048) if qtype.endswith("_K") else (32, 96, 2048)):
         w = random_blocks(qtype, 37, k)
         x = torch.randn(9, k)
         with on_isa("avx2"):

@@ -131,6 +131,80 @@ static inline void qdot_rows_q4_1(const uint8_t* w, const int8_t* qx, int64_t K,
   for (int r = 0; r < R; r++) out[r * ldo] = hsum_pair(acc[r]) + (offsets[r][0] + offsets[r][1]);
 }
 
+// Lanes 0-7 from float 2g of a vector, lanes 8-15 from float 2g + 1: a block pair's two scales.
+static inline __m512i pair_index(int g) {
+  return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32(2 * g)), _mm256_set1_epi32(2 * g + 1), 1);
+}
+
+// Q4_K: sub-blocks 2g and 2g + 1 are the low and high nibbles of the same 32 bytes; the min terms
+// as on AVX2 (kquant_dots.h).
+template <int R>
+static inline void qdot_rows_q4_k(const uint8_t* w, const int8_t* qx, int64_t K, const float* dx, const int32_t* sx,
+                                  int64_t nb, float* out, int64_t ldo) {
+  __m512 acc[R];
+  __m256 offsets[R];
+  for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps(), offsets[r] = _mm256_setzero_ps();
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  for (int64_t b = 0; b < nb; w += 144) {
+    const float d = half_to_float(load_u16(w)), dmin = half_to_float(load_u16(w + 2));
+    __m256 sc, mn;
+    k_scales_mins8(w + 4, &sc, &mn);
+    const __m256 dm = _mm256_mul_ps(_mm256_set1_ps(dmin), mn);
+    for (int r = 0; r < R; r++) {
+      const __m256 xs = _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sx + r * nb + b)));
+      offsets[r] = _mm256_fmadd_ps(_mm256_mul_ps(dm, _mm256_loadu_ps(dx + r * nb + b)), xs, offsets[r]);
+    }
+    const __m256 ds = _mm256_mul_ps(_mm256_set1_ps(d), sc);  // d * scale_j
+    __m256 dsx[R];  // d * scale_j * d_x of block b + j, for each row
+    for (int r = 0; r < R; r++) dsx[r] = _mm256_mul_ps(ds, _mm256_loadu_ps(dx + r * nb + b));
+    for (int g = 0; g < 4; g++, b += 2) {
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 16 + 32 * g));
+      const __m512i q = pair(_mm256_and_si256(raw, low), _mm256_and_si256(_mm256_srli_epi16(raw, 4), low));
+      for (int r = 0; r < R; r++) {
+        const __m512i p = dot_u8_i8_512(q, _mm512_loadu_si512(qx + r * K + 32 * b));
+        const __m512 scale = _mm512_permutexvar_ps(pair_index(g), _mm512_castps256_ps512(dsx[r]));
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), scale, acc[r]);
+      }
+    }
+  }
+  for (int r = 0; r < R; r++) out[r * ldo] = hsum_pair(acc[r]) - hsum8(offsets[r]);
+}
+
+// Q6_K: blocks c and c + 1 (c even) read 64 contiguous bytes of low bits and the same 32 bytes of
+// high bits, shifted by 2k and 2k + 2; four scales, one per 16 values.
+template <int R>
+static inline void qdot_rows_q6_k(const uint8_t* w, const int8_t* qx, int64_t K, const float* dx, int64_t nb, float* out,
+                                  int64_t ldo) {
+  __m512 acc[R];
+  for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+  const __m512i low = _mm512_set1_epi8(0x0F), three = _mm512_set1_epi8(3), bias = _mm512_set1_epi8(32);
+  const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  for (int64_t b = 0; b < nb; w += 210) {
+    const int8_t* scales = reinterpret_cast<const int8_t*>(w + 192);
+    const __m128 d = _mm_set1_ps(half_to_float(load_u16(w + 208)));
+    for (int c = 0; c < 8; c += 2, b += 2) {  // blocks c, c + 1: half c / 4, quarters k, k + 1 of it
+      const int h = c / 4, k = c % 4;
+      const __m512i ql = _mm512_loadu_si512(w + 64 * h);
+      const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 128 + 32 * h));
+      const __m512i lo4 = _mm512_and_si512(k >= 2 ? _mm512_srli_epi16(ql, 4) : ql, low);
+      const __m512i hi2 = _mm512_and_si512(pair(_mm256_srli_epi16(qh, 2 * k), _mm256_srli_epi16(qh, 2 * k + 2)), three);
+      const __m512i q = _mm512_sub_epi8(_mm512_or_si512(lo4, _mm512_slli_epi16(hi2, 4)), bias);
+      // d * scale of each 16 values, as floats: lanes 0-3 block c's first 16, 4-7 its second, ...
+      int32_t four;  // the 4 int8 scales of blocks c and c + 1
+      std::memcpy(&four, scales + 2 * c, 4);
+      const __m128 s = _mm_mul_ps(d, _mm_cvtepi32_ps(_mm_cvtepi8_epi32(_mm_cvtsi32_si128(four))));
+      for (int r = 0; r < R; r++) {
+        const __m512i p = signed_dot(q, _mm512_loadu_si512(qx + r * K + 32 * b));
+        const float* dxb = dx + r * nb + b;
+        const __m128 sd = _mm_mul_ps(s, _mm_setr_ps(dxb[0], dxb[0], dxb[1], dxb[1]));
+        const __m512 scale = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(sd));
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), scale, acc[r]);
+      }
+    }
+  }
+  for (int r = 0; r < R; r++) out[r * ldo] = hsum_pair(acc[r]);
+}
+
 #include "impl.h"
 
 #ifdef OUVERT_BF16

@@ -7,16 +7,21 @@
 // blocks apart, in a fixed order: a row's result depends on nothing but that row. R activation rows
 // at a time share the unpacking of each weight block (row r at qx + r * K, dx + r * nb, sx + r * nb).
 
-// The 8 six-bit scales and mins of a Q4_K super-block (blocks.h draws the 12 bytes), all at once.
-static inline void k_scales_mins8(const uint8_t* s, float* sc, float* mn) {
-  for (int j = 0; j < 4; j++) {
-    sc[j] = float(s[j] & 63);
-    mn[j] = float(s[j + 4] & 63);
-    sc[j + 4] = float((s[j + 8] & 0x0F) | ((s[j] >> 6) << 4));
-    mn[j + 4] = float((s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4));
-  }
+// The 8 six-bit scales and mins of a Q4_K super-block (blocks.h draws the 12 bytes), all at once, as
+// floats: four bytes at a time, scale j < 4 the low 6 bits of byte j, scale j + 4 the low nibble of
+// byte j + 8 with byte j's top 2 bits above it (mins likewise from bytes j + 4 and the high nibbles).
+static inline void k_scales_mins8(const uint8_t* s, __m256* sc, __m256* mn) {
+  uint32_t a, m, h;
+  std::memcpy(&a, s, 4);
+  std::memcpy(&m, s + 4, 4);
+  std::memcpy(&h, s + 8, 4);
+  const uint64_t scales = (a & 0x3F3F3F3Fu) | uint64_t((h & 0x0F0F0F0Fu) | ((a >> 2) & 0x30303030u)) << 32;
+  const uint64_t mins = (m & 0x3F3F3F3Fu) | uint64_t(((h >> 4) & 0x0F0F0F0Fu) | ((m >> 2) & 0x30303030u)) << 32;
+  *sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(int64_t(scales))));
+  *mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(int64_t(mins))));
 }
 
+#ifndef OUVERT_WIDE_QDOTS  // kernels_avx512.cpp has its own, two blocks per 512-bit instruction
 template <int R>
 static inline void qdot_rows_q4_k(const uint8_t* w, const int8_t* qx, int64_t K, const float* dx, const int32_t* sx,
                                   int64_t nb, float* out, int64_t ldo) {
@@ -25,9 +30,11 @@ static inline void qdot_rows_q4_k(const uint8_t* w, const int8_t* qx, int64_t K,
   const __m256i low = _mm256_set1_epi8(0x0F);
   for (int64_t b = 0; b < nb; w += 144) {
     const float d = half_to_float(load_u16(w)), dmin = half_to_float(load_u16(w + 2));
-    alignas(32) float sc[8], mn[8];
-    k_scales_mins8(w + 4, sc, mn);
-    const __m256 dm = _mm256_mul_ps(_mm256_set1_ps(dmin), _mm256_load_ps(mn));
+    __m256 scv, mnv;
+    k_scales_mins8(w + 4, &scv, &mnv);
+    alignas(32) float sc[8];
+    _mm256_store_ps(sc, scv);
+    const __m256 dm = _mm256_mul_ps(_mm256_set1_ps(dmin), mnv);
     for (int r = 0; r < R; r++) {  // dmin * min_j * d_x * s_x for the 8 sub-blocks at once
       const __m256 xs = _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sx + r * nb + b)));
       offsets[r] = _mm256_fmadd_ps(_mm256_mul_ps(dm, _mm256_loadu_ps(dx + r * nb + b)), xs, offsets[r]);
@@ -76,4 +83,4 @@ static inline void qdot_rows_q6_k(const uint8_t* w, const int8_t* qx, int64_t K,
   }
   for (int r = 0; r < R; r++) out[r * ldo] = hsum8(_mm256_add_ps(acc[r][0], acc[r][1]));
 }
-
+#endif  // OUVERT_WIDE_QDOTS
