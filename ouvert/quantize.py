@@ -352,12 +352,10 @@ class BlockMLAttention(MLAttention):
     qtype: int
 
     def absorb_query(self, q_nope: Tensor) -> Tensor:
-        heads = [kernels.block_matmul(q_nope[:, h], self.uk_rows[h], self.qtype) for h in range(self.n_head)]
-        return torch.stack(heads, dim=1)
+        return kernels.block_matmul_heads(q_nope, self.uk_rows, self.qtype)
 
     def absorb_output(self, o: Tensor) -> Tensor:
-        heads = [kernels.block_matmul(o[:, h], self.uv_rows[h], self.qtype) for h in range(self.n_head)]
-        return torch.stack(heads, dim=2)
+        return kernels.block_matmul_heads(o, self.uv_rows, self.qtype).transpose(1, 2)
 
 
 def swap_for_blocks(model: nn.Module, types: dict[str, int], dtype: torch.dtype) -> None:

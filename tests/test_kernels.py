@@ -166,6 +166,29 @@ def test_bf16_pairs_round_the_activations_as_torch_does():
 
 
 @needs_ext
+@pytest.mark.parametrize("qtype", ["F32", "BF16", "Q8_0"])
+def test_heads_in_one_op_are_the_products_head_by_head(qtype):
+    """block_matmul_heads (MLA's absorbed heads) gives each head's block_matmul bit for bit, on a
+    strided view of a wider weight (as kv_b_proj's value half is) and in the twin."""
+    H, N, K = 3, 5, 64
+    wide = random_blocks(qtype, H * (N + 2), K).view(H, N + 2, -1)
+    w = wide[:, 2:]  # each head's rows contiguous, the heads strided
+    x = torch.randn(2, H, 3, K)
+    got = kernels.block_matmul_heads(x, w, TYPES[qtype].id)
+    assert got.shape == (2, H, 3, N)
+    for h in range(H):
+        assert torch.equal(got[:, h], kernels.block_matmul(x[:, h], w[h].contiguous(), TYPES[qtype].id))
+        twin = kernels.twin_matmul(x[:, h], w[h].contiguous(), TYPES[qtype].id)
+        assert (got[:, h] - twin).abs().max() < 1e-3
+    kernels.use_twin(True)  # without the kernels: the heads one by one in Python, the same layout
+    try:
+        fallback = kernels.block_matmul_heads(x, w, TYPES[qtype].id)
+        assert torch.equal(fallback[:, 1], kernels.block_matmul(x[:, 1], w[1].contiguous(), TYPES[qtype].id))
+    finally:
+        kernels.use_twin(False)
+
+
+@needs_ext
 def test_bfloat16_inputs_and_leading_dims():
     w = random_blocks("Q4_K", 6, 256)
     x = torch.randn(2, 3, 256).bfloat16()

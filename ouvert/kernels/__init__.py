@@ -9,7 +9,8 @@ Rooms:
   formats.py           the PyTorch twin: the same decoding in tensor ops, the reference in tests
 
 The C++ extension (ouvert._kernels, built by `pip install -e .` when g++ is there) registers the ops
-`ouvert::block_matmul(x, w, qtype)`, `ouvert::block_rows(w, qtype, rows)` and `ouvert::block_experts`
+`ouvert::block_matmul(x, w, qtype)`, `ouvert::block_matmul_heads` (one weight per head),
+`ouvert::block_rows(w, qtype, rows)` and `ouvert::block_experts`
 (DeepSeek's routed experts in blocks, the dispatch in C++), threaded through
 torch's pool. Without it, the same functions below run the twin (dequantize, then F.linear), and
 ouvert says so once. Rows are independent by construction: an output row's numbers do not depend on
@@ -38,7 +39,8 @@ from ouvert.kernels.formats import (
 )
 
 __all__ = [
-    "BY_ID", "INTEGER_TYPES", "TYPES", "BlockType", "available", "block_experts", "block_matmul", "block_rows",
+    "BY_ID", "INTEGER_TYPES", "TYPES", "BlockType", "available", "block_experts", "block_matmul",
+    "block_matmul_heads", "block_rows",
     "block_type",
     "dequantize", "float_matmul", "integer_dots", "integer_matmul", "isa", "quantize_activations", "row_bytes",
     "row_values",
@@ -62,6 +64,10 @@ def _load():
     def _(x: Tensor, expert_idx: Tensor, weight: Tensor, gate: Tensor, up: Tensor, down: Tensor,
           qtypes: list[int]) -> Tensor:
         return torch.empty_like(x)
+
+    @torch.library.register_fake("ouvert::block_matmul_heads")
+    def _(x: Tensor, w: Tensor, qtype: int) -> Tensor:
+        return x.new_empty((*x.shape[:-1], w.shape[1]))
 
     @torch.library.register_fake("ouvert::block_rows")
     def _(w: Tensor, qtype: int, rows: Tensor) -> Tensor:
@@ -137,6 +143,14 @@ def block_matmul(x: Tensor, w: Tensor, qtype: int) -> Tensor:
     if _twin_only or x.device.type != "cpu" or _EXT is None:
         return twin_matmul(x, w, qtype)
     return torch.ops.ouvert.block_matmul(x, w, qtype)
+
+
+def block_matmul_heads(x: Tensor, w: Tensor, qtype: int) -> Tensor:
+    """Head by head, y[:, h] = x[:, h] W_h^T: x (B, H, T, K), w (H, N, bytes) uint8 (each head's rows
+    contiguous); y (B, H, T, N) in x's dtype. One op for MLA's absorbed heads."""
+    if _twin_only or x.device.type != "cpu" or _EXT is None:
+        return torch.stack([twin_matmul(x[:, h], w[h], qtype) for h in range(w.shape[0])], dim=1)
+    return torch.ops.ouvert.block_matmul_heads(x, w, qtype)
 
 
 def block_experts(x: Tensor, expert_idx: Tensor, weight: Tensor, gate: Tensor, up: Tensor, down: Tensor,

@@ -171,6 +171,27 @@ at::Tensor block_matmul(const at::Tensor& x, const at::Tensor& w, int64_t qtype)
   return y.view(shape).to(x.scalar_type());
 }
 
+// Head by head: y[b, h, t] = x[b, h, t] W_h^T for x (B, H, T, K) float32 or bfloat16 and w (H, N, row
+// bytes), each head's rows contiguous (the heads themselves may be strided: a view of a wider
+// weight): MLA's absorbed heads in one op instead of H. y (B, H, T, N) in x's dtype.
+at::Tensor block_matmul_heads(const at::Tensor& x, const at::Tensor& w, int64_t qtype) {
+  TORCH_CHECK(w.dim() == 3 && w.scalar_type() == at::kByte && w.device().is_cpu() && w.stride(2) == 1 &&
+              w.stride(1) == w.size(2), "head weights: (heads, rows, bytes) uint8 with each head's rows contiguous");
+  TORCH_CHECK(x.dim() == 4 && x.size(1) == w.size(0), "block_matmul_heads: x (B, heads, T, features)");
+  const int64_t H = w.size(0), N = w.size(1);
+  const auto [values, bytes] = block_size(qtype);
+  TORCH_CHECK(w.size(2) % bytes == 0, "weight rows of ", w.size(2), " bytes do not hold whole blocks of type ", qtype);
+  const int64_t K = w.size(2) / bytes * values;
+  TORCH_CHECK(x.size(3) == K, "input has ", x.size(3), " features, the weight ", K);
+  const at::Tensor xf = x.to(at::kFloat).transpose(0, 1).contiguous();  // (H, B, T, K): a head's rows together
+  const int64_t M = xf.size(1) * xf.size(2);
+  at::Tensor y = at::empty({H, xf.size(1), xf.size(2), N}, xf.options());
+  for (int64_t h = 0; h < H; h++)
+    product(qtype, xf.data_ptr<float>() + h * M * K, M, K, w.data_ptr<uint8_t>() + h * w.stride(0), w.size(2), N,
+            y.data_ptr<float>() + h * M * N);
+  return y.transpose(0, 1).to(x.scalar_type());
+}
+
 // Routed experts: y[t] = sum over token t's k experts, in increasing expert id, of
 // weight[t, j] * down_e(silu(gate_e(x_t)) * up_e(x_t)). x (N, D) float32; expert_idx, weight (N, k);
 // gate, up (E, H, bytes), down (E, D, bytes). Token-expert pairs are grouped by expert, each expert's
@@ -248,6 +269,7 @@ at::Tensor block_rows(const at::Tensor& w, int64_t qtype, const at::Tensor& rows
 TORCH_LIBRARY_FRAGMENT(ouvert, m) {
   m.def("block_matmul(Tensor x, Tensor w, int qtype) -> Tensor");
   m.def("block_rows(Tensor w, int qtype, Tensor rows) -> Tensor");
+  m.def("block_matmul_heads(Tensor x, Tensor w, int qtype) -> Tensor");
   m.def("block_experts(Tensor x, Tensor expert_idx, Tensor weight, Tensor gate, Tensor up, Tensor down, "
         "int[] qtypes) -> Tensor");
 }
@@ -255,6 +277,7 @@ TORCH_LIBRARY_FRAGMENT(ouvert, m) {
 TORCH_LIBRARY_IMPL(ouvert, CPU, m) {
   m.impl("block_matmul", &ouvert_kernels::block_matmul);
   m.impl("block_rows", &ouvert_kernels::block_rows);
+  m.impl("block_matmul_heads", &ouvert_kernels::block_matmul_heads);
   m.impl("block_experts", &ouvert_kernels::block_experts);
 }
 
