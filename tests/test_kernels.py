@@ -116,7 +116,7 @@ def test_rows_are_independent_of_the_batch_and_threads(qtype, isa):
 
 
 @needs_ext
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K"])
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"])
 def test_wide_integer_dots_give_avx2s_numbers(qtype):
     """The AVX-512 paths take two blocks per instruction (VNNI's vpdpbusd where present) with the
     accumulators laid out as AVX2's: the same numbers, bit for bit, odd block counts included."""

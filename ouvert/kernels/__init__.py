@@ -108,9 +108,9 @@ _int_dots = True
 
 
 def integer_dots() -> bool:
-    """Whether Q8_0 / Q4_0 / Q4_1 / Q4_K / Q6_K products quantize the activations to 8 bits per block
-    of 32 and multiply in integers, as llama.cpp does (the default; OUVERT_INT_DOTS=0 turns it off at
-    start). Q5_K and the float formats multiply in float32."""
+    """Whether Q8_0 / Q4_0 / Q4_1 / Q4_K / Q5_K / Q6_K products quantize the activations to 8 bits per
+    block of 32 and multiply in integers, as llama.cpp does (the default; OUVERT_INT_DOTS=0 turns it off
+    at start). The float formats multiply in float32 (bfloat16 pairs on AVX-512 BF16)."""
     return _EXT.integer_dots() if _EXT is not None else _int_dots
 
 

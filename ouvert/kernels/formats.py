@@ -112,12 +112,16 @@ def _q4_k(b: Tensor) -> Tensor:
     return _k_quant(b, _q4_k_ints(b).float())
 
 
-def _q5_k(b: Tensor) -> Tensor:
+def _q5_k_ints(b: Tensor) -> Tensor:
     qh = b[:, 16:48].long()  # bit j of qh[i]: the fifth bit of value i of sub-block j
     qs = b[:, 48:176].reshape(-1, 4, 32).long()
     nib = torch.stack([qs & 0x0F, qs >> 4], dim=2).reshape(-1, 8, 32)
     bit = (qh.unsqueeze(1) >> torch.arange(8).view(1, 8, 1)) & 1
-    return _k_quant(b, (nib | (bit << 4)).float())
+    return nib | (bit << 4)  # (B, 8, 32), 0..31
+
+
+def _q5_k(b: Tensor) -> Tensor:
+    return _k_quant(b, _q5_k_ints(b).float())
 
 
 def _q6_k_ints(b: Tensor) -> tuple[Tensor, Tensor]:
@@ -141,7 +145,7 @@ def _q6_k(b: Tensor) -> Tensor:
 
 
 # ---- integer dot products on quantized activations (csrc/impl.h) ------------------------------------
-INTEGER_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")  # the weight formats the kernels multiply in integers
+INTEGER_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")  # the weight formats the kernels multiply in integers
 
 
 def quantize_activations(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -157,15 +161,16 @@ def quantize_activations(x: Tensor) -> tuple[Tensor, Tensor]:
 
 def integer_parts(blocks: Tensor, qtype: str) -> tuple[Tensor, Tensor, Tensor | None]:
     """A weight (N, bytes) as integers (N, G, g) in G groups of g values sharing a scale, the scales
-    (N, G) and, for Q4_1 and Q4_K, offsets (N, G): value = scale * integer (+ offset). g is 32, but
-    16 for Q6_K (a scale per 16 values)."""
+    (N, G) and, for Q4_1, Q4_K and Q5_K, offsets (N, G): value = scale * integer (+ offset). g is 32,
+    but 16 for Q6_K (a scale per 16 values)."""
     t = TYPES[qtype]
     b = blocks.reshape(-1, t.bytes)
     n = blocks.shape[0]
-    if qtype == "Q4_K":
+    if qtype in ("Q4_K", "Q5_K"):
         d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])
         sc, mn = _k_scales_mins(b[:, 4:16])
-        return _q4_k_ints(b).reshape(n, -1, 32), (d * sc).reshape(n, -1), (-(dmin * mn)).reshape(n, -1)
+        q = _q4_k_ints(b) if qtype == "Q4_K" else _q5_k_ints(b)
+        return q.reshape(n, -1, 32), (d * sc).reshape(n, -1), (-(dmin * mn)).reshape(n, -1)
     if qtype == "Q6_K":
         q, scale = _q6_k_ints(b)
         return q.reshape(n, -1, 16), scale.reshape(n, -1), None

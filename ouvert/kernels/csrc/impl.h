@@ -122,7 +122,7 @@ static const float* decode_row(int qtype, const uint8_t* row, int64_t K, float* 
   return out;
 }
 
-// ---- integer dot products on quantized activations (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K weights) -------
+// ---- integer dot products on quantized activations (Q8_0, Q4_0, Q4_1 and the k-quants) ----------
 // Each row of x is quantized once per product, in blocks of 32 as Q8_0 stores weights:
 //   d = max|x| / 127, q = x / d rounded half away from zero (written as x * (1 / d)), s = sum q.
 // A weight block times an activation block is then d_w * d_x * (integer sum of q_w * q_x), plus, for
@@ -153,7 +153,8 @@ static inline void qdot_rows(int qtype, const uint8_t* w, const int8_t* qx, int6
   switch (qtype) {
     case Q8_0: return qdot_rows_signed<R>(w, 34, false, qx, K, dx, nb, out, ldo);
     case Q4_0: return qdot_rows_signed<R>(w, 18, true, qx, K, dx, nb, out, ldo);
-    case Q4_K: return qdot_rows_q4_k<R>(w, qx, K, dx, sx, nb, out, ldo);
+    case Q4_K: return qdot_rows_q4_k<R, false>(w, qx, K, dx, sx, nb, out, ldo);
+    case Q5_K: return qdot_rows_q4_k<R, true>(w, qx, K, dx, sx, nb, out, ldo);
     case Q6_K: return qdot_rows_q6_k<R>(w, qx, K, dx, nb, out, ldo);
     default: return qdot_rows_q4_1<R>(w, qx, K, dx, sx, nb, out, ldo);
   }
@@ -166,7 +167,8 @@ static float qdot(int qtype, const uint8_t* w, const int8_t* qx, const float* dx
   switch (qtype) {
     case Q8_0: return qdot_q8_0(w, qx, dx, nb);
     case Q4_0: return qdot_q4_0(w, qx, dx, nb);
-    case Q4_K: return qdot_q4_k(w, qx, dx, sx, nb);
+    case Q4_K: return qdot_q4_k<false>(w, qx, dx, sx, nb);
+    case Q5_K: return qdot_q4_k<true>(w, qx, dx, sx, nb);
     case Q6_K: return qdot_q6_k(w, qx, dx, nb);
     default: return qdot_q4_1(w, qx, dx, sx, nb);
   }

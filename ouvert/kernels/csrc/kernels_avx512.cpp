@@ -136,16 +136,16 @@ static inline __m512i pair_index(int g) {
   return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32(2 * g)), _mm256_set1_epi32(2 * g + 1), 1);
 }
 
-// Q4_K: sub-blocks 2g and 2g + 1 are the low and high nibbles of the same 32 bytes; the min terms
-// as on AVX2 (kquant_dots.h).
-template <int R>
+// Q4_K (and Q5_K, Five: with its fifth bits): sub-blocks 2g and 2g + 1 are the low and high nibbles of
+// the same 32 bytes; the min terms as on AVX2 (kquant_dots.h).
+template <int R, bool Five>
 static inline void qdot_rows_q4_k(const uint8_t* w, const int8_t* qx, int64_t K, const float* dx, const int32_t* sx,
                                   int64_t nb, float* out, int64_t ldo) {
   __m512 acc[R];
   __m256 offsets[R];
   for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps(), offsets[r] = _mm256_setzero_ps();
   const __m256i low = _mm256_set1_epi8(0x0F);
-  for (int64_t b = 0; b < nb; w += 144) {
+  for (int64_t b = 0; b < nb; w += Five ? 176 : 144) {
     const float d = half_to_float(load_u16(w)), dmin = half_to_float(load_u16(w + 2));
     __m256 sc, mn;
     k_scales_mins8(w + 4, &sc, &mn);
@@ -158,8 +158,13 @@ static inline void qdot_rows_q4_k(const uint8_t* w, const int8_t* qx, int64_t K,
     __m256 dsx[R];  // d * scale_j * d_x of block b + j, for each row
     for (int r = 0; r < R; r++) dsx[r] = _mm256_mul_ps(ds, _mm256_loadu_ps(dx + r * nb + b));
     for (int g = 0; g < 4; g++, b += 2) {
-      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 16 + 32 * g));
-      const __m512i q = pair(_mm256_and_si256(raw, low), _mm256_and_si256(_mm256_srli_epi16(raw, 4), low));
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (Five ? 48 : 16) + 32 * g));
+      __m256i even = _mm256_and_si256(raw, low), odd = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+      if (Five) {
+        even = _mm256_or_si256(even, fifth_bits(w + 16, 2 * g));
+        odd = _mm256_or_si256(odd, fifth_bits(w + 16, 2 * g + 1));
+      }
+      const __m512i q = pair(even, odd);
       for (int r = 0; r < R; r++) {
         const __m512i p = dot_u8_i8_512(q, _mm512_loadu_si512(qx + r * K + 32 * b));
         const __m512 scale = _mm512_permutexvar_ps(pair_index(g), _mm512_castps256_ps512(dsx[r]));

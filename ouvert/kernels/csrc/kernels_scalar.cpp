@@ -90,6 +90,7 @@ static inline float qdot_q4_1(const uint8_t* w, const int8_t* qx, const float* d
 }
 
 static float qdot(int qtype, const uint8_t* w, const int8_t* qx, const float* dx, const int32_t* sx, int64_t nb);
+template <bool Five>
 static inline float qdot_q4_k(const uint8_t* w, const int8_t* qx, const float* dx, const int32_t* sx, int64_t nb);
 static inline float qdot_q6_k(const uint8_t* w, const int8_t* qx, const float* dx, int64_t nb);
 // R rows at a time (the AVX paths share the weight block's unpacking among them): here, one by one.
@@ -102,17 +103,23 @@ static inline void qdot_rows(int qtype, const uint8_t* w, const int8_t* qx, int6
 
 #include "impl.h"
 
-// The k-quants' integer dots (kquant_dots.h says how), in plain loops.
+// The k-quants' integer dots (kquant_dots.h says how), in plain loops. Five: Q5_K, Q4_K with a fifth
+// bit per value (bit j of qh[i] for value i of sub-block j).
+template <bool Five>
 static inline float qdot_q4_k(const uint8_t* w, const int8_t* qx, const float* dx, const int32_t* sx, int64_t nb) {
   float acc = 0.0f, offsets = 0.0f;
-  for (int64_t b = 0; b < nb; w += 144) {
+  for (int64_t b = 0; b < nb; w += Five ? 176 : 144) {
     const float d = half_to_float(load_u16(w)), dmin = half_to_float(load_u16(w + 2));
+    const uint8_t* qh = w + 16;
     for (int j = 0; j < 8; j++, b++) {
       int sc, m;
       k_scale_min(w + 4, j, &sc, &m);
-      const uint8_t* qs = w + 16 + 32 * (j / 2);
+      const uint8_t* qs = w + (Five ? 48 : 16) + 32 * (j / 2);
       int32_t sum = 0;
-      for (int i = 0; i < 32; i++) sum += ((j & 1 ? qs[i] >> 4 : qs[i]) & 0x0F) * qx[32 * b + i];
+      for (int i = 0; i < 32; i++) {
+        const int q = ((j & 1 ? qs[i] >> 4 : qs[i]) & 0x0F) | (Five ? ((qh[i] >> j) & 1) << 4 : 0);
+        sum += q * qx[32 * b + i];
+      }
       acc += d * float(sc) * dx[b] * float(sum);
       offsets -= dmin * float(m) * dx[b] * float(sx[b]);
     }

@@ -1,7 +1,8 @@
-// Integer dots for Q4_K and Q6_K weights on 256-bit lanes (AVX2 and AVX-512 paths), included by
+// Integer dots for Q4_K, Q5_K and Q6_K weights on 256-bit lanes (AVX2 and AVX-512 paths), included by
 // avx2_shared.h. The activations are quantized in blocks of 32 as for Q8_0 (impl.h's quantize_rows), and
 // a k-quant super-block is 8 such blocks with scales of their own:
 //   Q4_K  sub-block j: value = (d * scale_j) * q - dmin * min_j, q in 0..15: Q4_1's form, per sub-block
+//   Q5_K  the same with q in 0..31: a fifth bit per value, bit j of qh[i] for value i of sub-block j
 //   Q6_K  16 values per scale: value = (d * scale_k) * q, q in -32..31; a block of 32 spans two scales
 // Each block's integer sums join a float accumulator through the block's scale times d_x, even and odd
 // blocks apart, in a fixed order: a row's result depends on nothing but that row. R activation rows
@@ -21,14 +22,20 @@ static inline void k_scales_mins8(const uint8_t* s, __m256* sc, __m256* mn) {
   *mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(int64_t(mins))));
 }
 
+// The fifth bits of sub-block j (Q5_K), as 16s added to its nibbles.
+static inline __m256i fifth_bits(const uint8_t* qh, int j) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh));
+  return _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, j), _mm256_set1_epi8(1)), 4);
+}
+
 #ifndef OUVERT_WIDE_QDOTS  // kernels_avx512.cpp has its own, two blocks per 512-bit instruction
-template <int R>
+template <int R, bool Five>
 static inline void qdot_rows_q4_k(const uint8_t* w, const int8_t* qx, int64_t K, const float* dx, const int32_t* sx,
                                   int64_t nb, float* out, int64_t ldo) {
   __m256 acc[R][2], offsets[R];  // offsets: lane j sums the min terms of sub-blocks j of every super-block
   for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = offsets[r] = _mm256_setzero_ps();
   const __m256i low = _mm256_set1_epi8(0x0F);
-  for (int64_t b = 0; b < nb; w += 144) {
+  for (int64_t b = 0; b < nb; w += Five ? 176 : 144) {
     const float d = half_to_float(load_u16(w)), dmin = half_to_float(load_u16(w + 2));
     __m256 scv, mnv;
     k_scales_mins8(w + 4, &scv, &mnv);
@@ -42,8 +49,9 @@ static inline void qdot_rows_q4_k(const uint8_t* w, const int8_t* qx, int64_t K,
     for (int j = 0; j < 8; j++, b++) {
       const float ds = d * sc[j];
       // 32 bytes per pair of sub-blocks: low nibbles are sub-block 2g, high nibbles 2g + 1
-      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 16 + 32 * (j / 2)));
-      const __m256i q = _mm256_and_si256(j & 1 ? _mm256_srli_epi16(raw, 4) : raw, low);
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (Five ? 48 : 16) + 32 * (j / 2)));
+      __m256i q = _mm256_and_si256(j & 1 ? _mm256_srli_epi16(raw, 4) : raw, low);
+      if (Five) q = _mm256_or_si256(q, fifth_bits(w + 16, j));
       for (int r = 0; r < R; r++) {
         const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx + r * K + 32 * b));
         acc[r][b & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8_i8(q, x)), _mm256_set1_ps(ds * dx[r * nb + b]),

@@ -32,14 +32,15 @@ static const Isa kAvx512 = OUVERT_ISA(avx512, nullptr);
 static const Isa kAvx512Vnni = OUVERT_ISA(avx512_vnni, nullptr);
 static const Isa kAvx512Bf16 = OUVERT_ISA(avx512_bf16, avx512_bf16::matmul_bf16);
 
-// Q8_0, Q4_0, Q4_1, Q4_K and Q6_K weights take integer dot products on activations quantized to 8
+// Q8_0, Q4_0, Q4_1, Q4_K, Q5_K and Q6_K weights take integer dot products on activations quantized to 8
 // bits per block of 32 (llama.cpp's way), unless OUVERT_INT_DOTS=0 or use_integer_dots(false).
 static bool g_int_dots = [] {
   const char* v = std::getenv("OUVERT_INT_DOTS");
   return !(v && std::string(v) == "0");
 }();
 static bool integer_path(int64_t qtype) {
-  return g_int_dots && (qtype == Q8_0 || qtype == Q4_0 || qtype == Q4_1 || qtype == Q4_K || qtype == Q6_K);
+  return g_int_dots && (qtype == Q8_0 || qtype == Q4_0 || qtype == Q4_1 || qtype == Q4_K || qtype == Q5_K ||
+                       qtype == Q6_K);
 }
 
 static bool cpu_has(const std::string& isa) {
