@@ -72,17 +72,18 @@ def build() -> Path:
     return BINARY
 
 
-def run(path: Path | str, threads: int = 2, prompt_len: int = 256, new_tokens: int = 64, repeats: int = 2
-        ) -> dict[str, float]:
+def run(path: Path | str, threads: int = 2, prompt_len: int = 256, new_tokens: int = 64, repeats: int = 2,
+        depth: int | None = None) -> dict[str, float]:
     """{"pp_tok_s", "tg_tok_s"}: llama-bench's avg_ts over repeats runs on threads threads (its defaults
     otherwise): pp, prompt_len tokens in one batch into an empty context; tg, new_tokens one a step
-    after prompt_len tokens already in the context (-d), as blocks.py's decode runs after its prompt."""
+    after depth (default prompt_len) tokens already in the context (-d), as ouvert's decode runs after
+    its prompt."""
     def avg_ts(*args) -> float:
         cmd = [build(), "-m", path, "-t", threads, "-r", repeats, "-o", "json", *args]
         out = subprocess.run(list(map(str, cmd)), check=True, capture_output=True, text=True).stdout
         return json.loads(out)[0]["avg_ts"]
     return {"pp_tok_s": avg_ts("-p", prompt_len, "-n", 0),
-            "tg_tok_s": avg_ts("-p", 0, "-n", new_tokens, "-d", prompt_len)}
+            "tg_tok_s": avg_ts("-p", 0, "-n", new_tokens, "-d", prompt_len if depth is None else depth)}
 
 
 def main(argv=None) -> None:

@@ -1,11 +1,13 @@
 """The real SmolLM2-135M-Instruct Q4_1 GGUF (scripts/fetch_assets.sh) run three ways on the same
 file, in one run: ouvert as stored (its kernels over the Q4_1 / Q8_0 blocks), ouvert dequantized to
-float32 (torch's matmuls), and llama.cpp (cyllama's prebuilt build, AVX2). Decode and prefill
+float32 (torch's matmuls), and llama.cpp (cyllama's prebuilt build, AVX2; with --llama-bench also
+llama.cpp's own llama-bench, built for this CPU by bench/llama_bench.py, the reference the ratios
+are then taken against). Decode and prefill
 tokens/s, the read-bandwidth bound beside decode, teacher-forced top-1 agreement over 400 positions
 of Shakespeare, and the peak memory of loading the file, each in a fresh process. Ends with one line
 of JSON.
 
-    .venv/bin/python bench/smollm2_gguf.py [--threads 2] [--new-tokens 128] [--repeats 2]
+    .venv/bin/python bench/smollm2_gguf.py [--threads 2] [--new-tokens 128] [--repeats 2] [--llama-bench]
 """
 
 from __future__ import annotations
@@ -152,6 +154,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prefill", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--llama-bench", action="store_true", help="also llama.cpp's llama-bench binary (built once)")
     args = ap.parse_args()
     if not GGUF.is_file():
         sys.exit(f"{GGUF}: missing; run `make assets`")
@@ -181,6 +184,12 @@ def main() -> None:
         rows["ouvert float32"].append(ouvert_rates(dense, prompt, args.new_tokens, prefill_ids))
         rows["llama.cpp"].append(llama_cpp_rates(args.threads, prompt, args.new_tokens, prefill_ids))
     best = {k: (max(r[0] for r in v), max(r[1] for r in v)) for k, v in rows.items()}
+    if args.llama_bench:  # decode after the chat prompt, prefill of the same length into an empty context
+        import llama_bench
+
+        lb = llama_bench.run(GGUF, args.threads, len(prefill_ids), args.new_tokens, args.repeats,
+                             depth=len(prompt))
+        best["llama-bench"] = (lb["tg_tok_s"], lb["pp_tok_s"])
 
     with torch.no_grad():
         a = chunked_logits(stored, torch.tensor([forced])).argmax(-1)[0].numpy()  # the kernels: <= 64 rows
@@ -198,8 +207,10 @@ def main() -> None:
     print(f"SmolLM2-135M-Instruct Q4_1 ({file_bytes / 1e6:.0f} MB), {args.threads} threads, {cpu_name()}")
     print(f"kernels: {kernels.isa()}; read bandwidth {bw:.1f} GB/s, decode bound {bound:.0f} tok/s; "
           f"load average {load:.1f} -> {load_end:.1f}")
-    ref = best["llama.cpp"]
-    print(f"{'':30} {'decode tok/s':>13} {'x llama.cpp':>12} {'% bound':>8} {'prefill tok/s':>14} {'x llama.cpp':>12}")
+    ref_name = "llama-bench" if args.llama_bench else "llama.cpp"
+    ref = best[ref_name]
+    print(f"{'':30} {'decode tok/s':>13} {'x ' + ref_name:>12} {'% bound':>8} {'prefill tok/s':>14} "
+          f"{'x ' + ref_name:>12}")
     for k, (d, p) in best.items():
         print(f"{k:30} {d:13.1f} {d / ref[0]:12.2f} {100 * d / bound:8.0f} {p:14.0f} {p / ref[1]:12.2f}")
     for k, v in agree.items():
