@@ -6,10 +6,13 @@ rows) it runs the live rows only, so one stream should cost what generate() cost
 max_batch is. The real SmolLM2-135M-Instruct (the Q4_1 GGUF scripts/fetch_assets.sh fetches), as
 stored and dequantized to float32; greedy, the same prompt, --new-tokens tokens; the engine is
 driven in process (engine.step(), no HTTP), so what is measured is its scheduling and its forwards.
-Each rate is the best of 3 runs after a warm-up. The read-bandwidth bound per token is printed
-beside: the weight bytes one decode step reads.
+With --http, also through `ouvert serve` itself: a server process per --max-batch on the same file
+(as stored), one streaming chat request at a time from the official openai client, greedy,
+ignore_eos, rate = completion tokens / the request's wall time (prefill and HTTP included, as
+generate()'s rate includes its prefill). Each rate is the best of 3 runs after a warm-up. The
+read-bandwidth bound per token is printed beside: the weight bytes one decode step reads.
 
-    .venv/bin/python bench/one_stream.py [--new-tokens 128] [--threads 2]
+    .venv/bin/python bench/one_stream.py [--new-tokens 128] [--threads 2] [--http]
 
 Ends with one line of JSON.
 """
@@ -70,10 +73,46 @@ def engine_rate(model, tok, prompt: list[int], n: int, max_batch: int) -> tuple[
     return best, engine.live_rows_only
 
 
+def http_rate(n: int, max_batch: int, threads: int) -> float:
+    """Tokens/s of one streaming greedy chat request through `ouvert serve --max-batch max_batch` on the
+    Q4_1 file as stored (a server process of its own, OMP_NUM_THREADS=threads), best of REPEATS."""
+    import sys
+
+    import openai
+    from serve import free_port, start_server, stop_server  # bench/serve.py
+
+    port = free_port()
+    log = Path(__file__).resolve().parent / "out" / f"one-stream-serve-{max_batch}.log"
+    log.parent.mkdir(exist_ok=True)
+    cmd = [sys.executable, "-m", "ouvert", "serve", "--model", str(GGUF), "--port", str(port),
+           "--max-batch", str(max_batch)]
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    proc = start_server(cmd, port, log)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-")
+        model = client.models.list().data[0].id
+        best = 0.0
+        for tokens in (8, *[n] * REPEATS):
+            t = time.perf_counter()
+            got = 0
+            stream = client.chat.completions.create(
+                model=model, messages=PROMPT, max_tokens=tokens, temperature=0, stream=True,
+                stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+            for chunk in stream:
+                if chunk.usage:
+                    got = chunk.usage.completion_tokens
+            if tokens == n:
+                best = max(best, got / (time.perf_counter() - t))
+        return best
+    finally:
+        stop_server(proc)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--http", action="store_true", help="also one stream through `ouvert serve` (Q4_1 as stored)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     tok = ouvert.load_tokenizer(GGUF)
@@ -94,6 +133,11 @@ def main(argv: list[str] | None = None) -> None:
                   f" ({'live rows only' if live else 'padded to max_batch'})")
             rows.append({"model": name, "path": f"engine max_batch {mb}", "tok_s": rate, "vs_generate": rate / ref,
                          "live_rows_only": live})
+            if args.http and name == "Q4_1 as stored":
+                rate = http_rate(args.new_tokens, mb, args.threads)
+                print(f"  ouvert serve --max-batch {mb:>2}: {rate:.1f} tok/s = {rate / ref:.2f}x generate() (HTTP)")
+                rows.append({"model": name, "path": f"ouvert serve max_batch {mb}", "tok_s": rate,
+                             "vs_generate": rate / ref})
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     print(json.dumps({"bench": "one_stream", "cpu": cpu, "threads": args.threads, "load_before": load, "read_gb_s": bw,

@@ -641,3 +641,40 @@ def test_serve_a_gguf_file(model_dir, tmp_path, client):
         r = chat(c, max_tokens=8, temperature=0)
     assert r.usage.completion_tokens == 8
     assert r.choices[0].message.content == chat(client, max_tokens=8, temperature=0).choices[0].message.content
+
+
+def test_the_serve_command_runs_its_engine_on_the_main_thread_and_stops_on_sigterm(model_dir):
+    """`ouvert serve` itself, as a process: HTTP from a thread, the engine stepping on the main thread
+    (torch's OpenMP workers belong to it); a completion, then SIGTERM ends it cleanly; a second server
+    on the same port says it could not start and exits 1."""
+    import signal
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "ouvert", "serve", "--model", str(model_dir), "--port", str(port), "--max-batch", "2",
+           "--max-len", "256"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline, "the server did not answer"
+                time.sleep(0.2)
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-")
+        reply = c.chat.completions.create(model="tiny-chat", messages=USER, max_tokens=5, temperature=0,
+                                          extra_body={"ignore_eos": True})
+        assert reply.usage.completion_tokens == 5
+        second = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 1 and "did not start" in second.stderr
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -259,8 +259,9 @@ class Guard:
 
 
 def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_body: int = 4 << 20,
-               body_timeout: float = 30.0) -> FastAPI:
-    """The FastAPI app serving `engine` under `model_name`; starts and stops the engine's thread.
+               body_timeout: float = 30.0, start_engine: bool = True) -> FastAPI:
+    """The FastAPI app serving `engine` under `model_name`; starts and stops the engine's thread
+    (start_engine=False: the caller runs the engine, as `ouvert serve` does on its main thread).
     body_timeout: seconds a request's body may take to arrive in full."""
     from contextlib import asynccontextmanager
 
@@ -271,11 +272,13 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
 
     @asynccontextmanager
     async def lifespan(app):
-        engine.start()
+        if start_engine:
+            engine.start()
         try:
             yield
         finally:
-            engine.stop()
+            if start_engine:
+                engine.stop()
 
     app = FastAPI(title="ouvert", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(Guard, api_key=api_key, max_body=max_body, counts=http_counts, body_timeout=body_timeout)

@@ -32,8 +32,9 @@ def add_serve_parser(sub) -> None:
     p.set_defaults(func=cmd_serve)
 
 
-def build_app(args: argparse.Namespace):
-    """Load the model and tokenizer named by args and return (app, engine)."""
+def build_app(args: argparse.Namespace, start_engine: bool = True):
+    """Load the model and tokenizer named by args and return (app, engine); start_engine=False leaves
+    running the engine to the caller."""
     from ouvert.cli import _load  # the loader of generate and chat: a directory or a GGUF file
     from ouvert.serve.api import create_app
     from ouvert.serve.engine import Engine, default_cache_memory
@@ -44,16 +45,42 @@ def build_app(args: argparse.Namespace):
                     prefill_chunks=args.prefill_chunks, max_queue=args.max_queue, cache_memory=memory)
     name = args.served_model_name or Path(args.model).resolve().name
     return create_app(engine, name, api_key=args.api_key, max_body=args.max_body,
-                      body_timeout=args.body_timeout), engine
+                      body_timeout=args.body_timeout, start_engine=start_engine), engine
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    """HTTP on a thread, the engine on this one. torch's OpenMP workers belong to the thread that first
+    ran a parallel op (this one, loading the model); ops from another thread get a second team of
+    workers, more threads than cores, and libgomp then stops spinning between ops: every parallel op
+    waits for its workers to wake (one stream decoded 2.5x slower on 2 cores)."""
+    import signal
+    import threading
+
     import uvicorn
 
-    app, engine = build_app(args)
+    app, engine = build_app(args, start_engine=False)
     print(f"ouvert serve: {engine.max_batch} slots of {engine.context_length} tokens, "
           f"{engine.cache.nbytes() / 2**20:.0f} MiB of cache; http://{args.host}:{args.port}/", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                           timeout_graceful_shutdown=5))
+
+    def serve_http() -> None:
+        try:
+            server.run()  # off the main thread uvicorn leaves the signals to us
+        finally:
+            engine.stop()  # the server stopped (or could not start): so does the engine
+
+    def shutdown(*_) -> None:
+        server.should_exit = True
+
+    signal.signal(signal.SIGINT, shutdown)
+    signal.signal(signal.SIGTERM, shutdown)
+    http = threading.Thread(target=serve_http, name="ouvert-http")
+    http.start()
+    engine.run()
+    http.join()
+    if not server.started:
+        sys.exit("ouvert serve: the HTTP server did not start (the reason is above)")
 
 
 class BackgroundServer:

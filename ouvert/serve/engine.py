@@ -392,15 +392,18 @@ class Engine:
             raise ValueError(f"seed must be in [0, {SEED_MAX}], got {req.seed}")
 
     def start(self) -> None:
+        """Step the engine on a thread of its own until stop()."""
         self._stop = False
-        self._thread = threading.Thread(target=self._run, name="ouvert-engine", daemon=True)
+        self._thread = threading.Thread(target=self.run, name="ouvert-engine", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
+        """Make run() return after its step in progress (and join the engine's thread, if start() made one).
+        Safe to call from a signal handler."""
         with self._cond:
             self._stop = True
             self._cond.notify()
-        if self._thread is not None:
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
 
     @property
@@ -411,11 +414,14 @@ class Engine:
     def queue_depth(self) -> int:
         return len(self.waiting)
 
-    def _run(self) -> None:
+    def run(self) -> None:
+        """Step whenever there is work, on the calling thread, until stop(). `ouvert serve` runs it on
+        the main thread (the one whose OpenMP workers torch's ops already use; see serve/cli.py)."""
+        self._stop = False
         while True:
             with self._cond:
                 while not self._stop and not self.waiting and not self.running and not self.slots_cancelled():
-                    self._cond.wait()
+                    self._cond.wait(timeout=0.5)  # a timeout, so that signals reach a main-thread loop
                 if self._stop:
                     return
             try:
