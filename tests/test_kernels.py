@@ -123,7 +123,7 @@ def test_wide_integer_dots_give_avx2s_numbers(qtype):
     wide = [isa for isa in ISAS if isa.startswith("avx512")]
     if "avx2" not in ISAS or not wide:
         pytest.skip("this CPU has no AVX-512")
-    for k in ((256, 768, 2048) if qtype.endswith("_K") else (32, 96, 2048)):
+    for k in ((256, 768, 2048) if qtype.endswith("_K") else (32, 96, 352, 2048)):  # 352: a group of 8 and 3
         w = random_blocks(qtype, 37, k)
         x = torch.randn(9, k)
         with on_isa("avx2"):

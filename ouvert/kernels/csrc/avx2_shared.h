@@ -31,6 +31,12 @@ static inline float hsum8(__m256 v) {
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
 }
+// 8 float16 scales at a stride (the d, or m, of 8 consecutive blocks), as floats.
+static inline __m256 halves8(const uint8_t* p, int64_t stride) {
+  return _mm256_cvtph_ps(_mm_setr_epi16(load_u16(p), load_u16(p + stride), load_u16(p + 2 * stride),
+                                        load_u16(p + 3 * stride), load_u16(p + 4 * stride), load_u16(p + 5 * stride),
+                                        load_u16(p + 6 * stride), load_u16(p + 7 * stride)));
+}
 #include "kquant_dots.h"
 
 #ifndef OUVERT_WIDE_QDOTS  // kernels_avx512.cpp has its own, two blocks per 512-bit instruction
@@ -38,19 +44,38 @@ static inline float hsum8(__m256 v) {
 // accumulators per row, even and odd blocks, so that consecutive blocks' multiply-adds do not wait for
 // each other; the order is fixed, so a row's result depends on nothing but that row (R = 1 is the
 // one-row dot). qx, dx, sx: row r at qx + r * K, dx + r * nb, sx + r * nb; row r's result at out[r * ldo].
+// Whole groups of 8 blocks take their 8 scales (and Q4_1's offsets) in vectors, one lane each; the
+// blocks after the last group one by one.
 template <int R>
 static inline void qdot_rows_signed(const uint8_t* w, int stride, bool nibbles, const int8_t* qx, int64_t K,
                                     const float* dx, int64_t nb, float* out, int64_t ldo) {
   __m256 acc[R][2];
   for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < nb; b++, w += stride) {
+  int64_t b = 0;
+  for (; b + 8 <= nb; b += 8) {
+    const __m256 dw = halves8(w, stride);
+    __m256 dwx[R];
+    for (int r = 0; r < R; r++) dwx[r] = _mm256_mul_ps(dw, _mm256_loadu_ps(dx + r * nb + b));
+    for (int i = 0; i < 8; i++, w += stride) {
+      const __m256i q = nibbles ? _mm256_sub_epi8(nibbles32(w + 2), _mm256_set1_epi8(8))
+                                : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 2));
+      const __m256i aq = _mm256_sign_epi8(q, q);
+      for (int r = 0; r < R; r++) {
+        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx + r * K + 32 * (b + i)));
+        const __m256i p = dot_u8_i8(aq, _mm256_sign_epi8(x, q));  // |q| * (x signed as q)
+        const __m256 scale = _mm256_permutevar8x32_ps(dwx[r], _mm256_set1_epi32(i));
+        acc[r][i & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, acc[r][i & 1]);
+      }
+    }
+  }
+  for (; b < nb; b++, w += stride) {
     const __m256i q = nibbles ? _mm256_sub_epi8(nibbles32(w + 2), _mm256_set1_epi8(8))
                               : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 2));
     const __m256i aq = _mm256_sign_epi8(q, q);
     const float dw = half_to_float(load_u16(w));
     for (int r = 0; r < R; r++) {
       const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx + r * K + 32 * b));
-      const __m256i p = dot_u8_i8(aq, _mm256_sign_epi8(x, q));  // |q| * (x signed as q)
+      const __m256i p = dot_u8_i8(aq, _mm256_sign_epi8(x, q));
       acc[r][b & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * dx[r * nb + b]), acc[r][b & 1]);
     }
   }
@@ -59,13 +84,32 @@ static inline void qdot_rows_signed(const uint8_t* w, int stride, bool nibbles, 
 template <int R>
 static inline void qdot_rows_q4_1(const uint8_t* w, const int8_t* qx, int64_t K, const float* dx, const int32_t* sx,
                                   int64_t nb, float* out, int64_t ldo) {
-  __m256 acc[R][2];
-  float offsets[R][2];
+  __m256 acc[R][2], offv[R];  // offv lane i: the offset terms of block i of every group
+  float offsets[R][2];  // those of the blocks after the last group, even and odd
   for (int r = 0; r < R; r++) {
-    acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    acc[r][0] = acc[r][1] = offv[r] = _mm256_setzero_ps();
     offsets[r][0] = offsets[r][1] = 0.0f;
   }
-  for (int64_t b = 0; b < nb; b++, w += 20) {
+  int64_t b = 0;
+  for (; b + 8 <= nb; b += 8) {
+    const __m256 dw = halves8(w, 20), mw = halves8(w + 2, 20);
+    __m256 dwx[R];
+    for (int r = 0; r < R; r++) {
+      const __m256 d = _mm256_loadu_ps(dx + r * nb + b);
+      dwx[r] = _mm256_mul_ps(dw, d);
+      const __m256 s = _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sx + r * nb + b)));
+      offv[r] = _mm256_fmadd_ps(_mm256_mul_ps(mw, d), s, offv[r]);
+    }
+    for (int i = 0; i < 8; i++, w += 20) {
+      const __m256i q = nibbles32(w + 4);
+      for (int r = 0; r < R; r++) {
+        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx + r * K + 32 * (b + i)));
+        const __m256 scale = _mm256_permutevar8x32_ps(dwx[r], _mm256_set1_epi32(i));
+        acc[r][i & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8_i8(q, x)), scale, acc[r][i & 1]);
+      }
+    }
+  }
+  for (; b < nb; b++, w += 20) {
     const __m256i q = nibbles32(w + 4);
     const float dw = half_to_float(load_u16(w)), mw = half_to_float(load_u16(w + 2));
     for (int r = 0; r < R; r++) {
@@ -75,6 +119,7 @@ static inline void qdot_rows_q4_1(const uint8_t* w, const int8_t* qx, int64_t K,
       offsets[r][b & 1] += mw * d * float(sx[r * nb + b]);
     }
   }
-  for (int r = 0; r < R; r++) out[r * ldo] = hsum8(_mm256_add_ps(acc[r][0], acc[r][1])) + (offsets[r][0] + offsets[r][1]);
+  for (int r = 0; r < R; r++)
+    out[r * ldo] = hsum8(_mm256_add_ps(acc[r][0], acc[r][1])) + (hsum8(offv[r]) + (offsets[r][0] + offsets[r][1]));
 }
 #endif  // OUVERT_WIDE_QDOTS

@@ -89,12 +89,34 @@ static inline float hsum_pair(__m512 acc) {
   return hsum8(_mm256_add_ps(_mm512_castps512_ps256(acc), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc), 1))));
 }
 
+// Lanes 0-7 from float 2g of a vector, lanes 8-15 from float 2g + 1: a block pair's two scales.
+static inline __m512i pair_index(int g) {
+  return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32(2 * g)), _mm256_set1_epi32(2 * g + 1), 1);
+}
+
+// Whole groups of 8 blocks take their 8 scales (and Q4_1's offsets) in vectors (halves8, in
+// avx2_shared.h, as the AVX2 path does), the blocks after the last group one pair at a time.
 template <int R>
 static inline void qdot_rows_signed(const uint8_t* w, int stride, bool nibbles, const int8_t* qx, int64_t K,
                                     const float* dx, int64_t nb, float* out, int64_t ldo) {
   __m512 acc[R];
   for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
-  for (int64_t b = 0; b < nb; b += 2, w += 2 * stride) {
+  int64_t b = 0;
+  for (; b + 8 <= nb; b += 8, w += 8 * stride) {
+    const __m256 dw = halves8(w, stride);
+    __m256 dwx[R];
+    for (int r = 0; r < R; r++) dwx[r] = _mm256_mul_ps(dw, _mm256_loadu_ps(dx + r * nb + b));
+    for (int g = 0; g < 4; g++) {
+      const uint8_t* wg = w + 2 * g * stride;
+      const __m512i q = pair(signed_block(wg, nibbles), signed_block(wg + stride, nibbles));
+      for (int r = 0; r < R; r++) {
+        const __m512i p = signed_dot(q, _mm512_loadu_si512(qx + r * K + 32 * (b + 2 * g)));
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(pair_index(g), _mm512_castps256_ps512(dwx[r])),
+                                 acc[r]);
+      }
+    }
+  }
+  for (; b < nb; b += 2, w += 2 * stride) {
     const bool two = b + 1 < nb;
     const __m512i q = pair(signed_block(w, nibbles), two ? signed_block(w + stride, nibbles) : _mm256_setzero_si256());
     const float d0 = half_to_float(load_u16(w)), d1 = two ? half_to_float(load_u16(w + stride)) : 0.0f;
@@ -110,12 +132,33 @@ template <int R>
 static inline void qdot_rows_q4_1(const uint8_t* w, const int8_t* qx, int64_t K, const float* dx, const int32_t* sx,
                                   int64_t nb, float* out, int64_t ldo) {
   __m512 acc[R];
-  float offsets[R][2];
+  __m256 offv[R];  // lane i: the offset terms of block i of every group
+  float offsets[R][2];  // those of the blocks after the last group, even and odd
   for (int r = 0; r < R; r++) {
     acc[r] = _mm512_setzero_ps();
+    offv[r] = _mm256_setzero_ps();
     offsets[r][0] = offsets[r][1] = 0.0f;
   }
-  for (int64_t b = 0; b < nb; b += 2, w += 40) {
+  int64_t b = 0;
+  for (; b + 8 <= nb; b += 8, w += 160) {
+    const __m256 dw = halves8(w, 20), mw = halves8(w + 2, 20);
+    __m256 dwx[R];
+    for (int r = 0; r < R; r++) {
+      const __m256 d = _mm256_loadu_ps(dx + r * nb + b);
+      dwx[r] = _mm256_mul_ps(dw, d);
+      const __m256 s = _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sx + r * nb + b)));
+      offv[r] = _mm256_fmadd_ps(_mm256_mul_ps(mw, d), s, offv[r]);
+    }
+    for (int g = 0; g < 4; g++) {
+      const __m512i q = pair(nibbles32(w + 40 * g + 4), nibbles32(w + 40 * g + 24));
+      for (int r = 0; r < R; r++) {
+        const __m512i p = dot_u8_i8_512(q, _mm512_loadu_si512(qx + r * K + 32 * (b + 2 * g)));
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(pair_index(g), _mm512_castps256_ps512(dwx[r])),
+                                 acc[r]);
+      }
+    }
+  }
+  for (; b < nb; b += 2, w += 40) {
     const bool two = b + 1 < nb;
     const __m512i q = pair(nibbles32(w + 4), two ? nibbles32(w + 24) : _mm256_setzero_si256());
     const float d0 = half_to_float(load_u16(w)), m0 = half_to_float(load_u16(w + 2));
@@ -128,12 +171,8 @@ static inline void qdot_rows_q4_1(const uint8_t* w, const int8_t* qx, int64_t K,
       if (two) offsets[r][1] += m1 * d[1] * float(sx[r * nb + b + 1]);
     }
   }
-  for (int r = 0; r < R; r++) out[r * ldo] = hsum_pair(acc[r]) + (offsets[r][0] + offsets[r][1]);
-}
-
-// Lanes 0-7 from float 2g of a vector, lanes 8-15 from float 2g + 1: a block pair's two scales.
-static inline __m512i pair_index(int g) {
-  return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32(2 * g)), _mm256_set1_epi32(2 * g + 1), 1);
+  for (int r = 0; r < R; r++)
+    out[r * ldo] = hsum_pair(acc[r]) + (hsum8(offv[r]) + (offsets[r][0] + offsets[r][1]));
 }
 
 // Q4_K (and Q5_K, Five: with its fifth bits): sub-blocks 2g and 2g + 1 are the low and high nibbles of
