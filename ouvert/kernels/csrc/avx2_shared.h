@@ -39,6 +39,20 @@ static inline __m256 halves8(const uint8_t* p, int64_t stride) {
 }
 #include "kquant_dots.h"
 
+// A group of 8 Q4_1 blocks from block b: each row's d_w * d_x (dwx), and its offset terms
+// m_w * d_x * s_x added into offv, lane i for block b + i (the AVX2 and AVX-512 dots share it).
+template <int R>
+static inline void q4_1_group(const uint8_t* w, const float* dx, const int32_t* sx, int64_t nb, int64_t b, __m256* dwx,
+                              __m256* offv) {
+  const __m256 dw = halves8(w, 20), mw = halves8(w + 2, 20);
+  for (int r = 0; r < R; r++) {
+    const __m256 d = _mm256_loadu_ps(dx + r * nb + b);
+    dwx[r] = _mm256_mul_ps(dw, d);
+    const __m256 s = _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sx + r * nb + b)));
+    offv[r] = _mm256_fmadd_ps(_mm256_mul_ps(mw, d), s, offv[r]);
+  }
+}
+
 #ifndef OUVERT_WIDE_QDOTS  // kernels_avx512.cpp has its own, two blocks per 512-bit instruction
 // R activation rows against one weight row, each weight block unpacked once for the R rows. Two
 // accumulators per row, even and odd blocks, so that consecutive blocks' multiply-adds do not wait for
@@ -92,14 +106,8 @@ static inline void qdot_rows_q4_1(const uint8_t* w, const int8_t* qx, int64_t K,
   }
   int64_t b = 0;
   for (; b + 8 <= nb; b += 8) {
-    const __m256 dw = halves8(w, 20), mw = halves8(w + 2, 20);
     __m256 dwx[R];
-    for (int r = 0; r < R; r++) {
-      const __m256 d = _mm256_loadu_ps(dx + r * nb + b);
-      dwx[r] = _mm256_mul_ps(dw, d);
-      const __m256 s = _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sx + r * nb + b)));
-      offv[r] = _mm256_fmadd_ps(_mm256_mul_ps(mw, d), s, offv[r]);
-    }
+    q4_1_group<R>(w, dx, sx, nb, b, dwx, offv);
     for (int i = 0; i < 8; i++, w += 20) {
       const __m256i q = nibbles32(w + 4);
       for (int r = 0; r < R; r++) {

@@ -141,14 +141,8 @@ static inline void qdot_rows_q4_1(const uint8_t* w, const int8_t* qx, int64_t K,
   }
   int64_t b = 0;
   for (; b + 8 <= nb; b += 8, w += 160) {
-    const __m256 dw = halves8(w, 20), mw = halves8(w + 2, 20);
     __m256 dwx[R];
-    for (int r = 0; r < R; r++) {
-      const __m256 d = _mm256_loadu_ps(dx + r * nb + b);
-      dwx[r] = _mm256_mul_ps(dw, d);
-      const __m256 s = _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sx + r * nb + b)));
-      offv[r] = _mm256_fmadd_ps(_mm256_mul_ps(mw, d), s, offv[r]);
-    }
+    q4_1_group<R>(w, dx, sx, nb, b, dwx, offv);
     for (int g = 0; g < 4; g++) {
       const __m512i q = pair(nibbles32(w + 40 * g + 4), nibbles32(w + 40 * g + 24));
       for (int r = 0; r < R; r++) {
