@@ -31,6 +31,11 @@ static inline float hsum8(__m256 v) {
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
 }
+// A block's 32 weights as signed bytes (Q8_0 as stored, Q4_0's nibbles minus 8).
+static inline __m256i signed_block(const uint8_t* w, bool nibbles) {
+  return nibbles ? _mm256_sub_epi8(nibbles32(w + 2), _mm256_set1_epi8(8))
+                 : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 2));
+}
 // 8 float16 scales at a stride (the d, or m, of 8 consecutive blocks), as floats.
 static inline __m256 halves8(const uint8_t* p, int64_t stride) {
   return _mm256_cvtph_ps(_mm_setr_epi16(load_u16(p), load_u16(p + stride), load_u16(p + 2 * stride),
@@ -71,8 +76,7 @@ static inline void qdot_rows_signed(const uint8_t* w, int stride, bool nibbles, 
     __m256 dwx[R];
     for (int r = 0; r < R; r++) dwx[r] = _mm256_mul_ps(dw, _mm256_loadu_ps(dx + r * nb + b));
     for (int i = 0; i < 8; i++, w += stride) {
-      const __m256i q = nibbles ? _mm256_sub_epi8(nibbles32(w + 2), _mm256_set1_epi8(8))
-                                : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 2));
+      const __m256i q = signed_block(w, nibbles);
       const __m256i aq = _mm256_sign_epi8(q, q);
       for (int r = 0; r < R; r++) {
         const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx + r * K + 32 * (b + i)));
@@ -83,8 +87,7 @@ static inline void qdot_rows_signed(const uint8_t* w, int stride, bool nibbles, 
     }
   }
   for (; b < nb; b++, w += stride) {
-    const __m256i q = nibbles ? _mm256_sub_epi8(nibbles32(w + 2), _mm256_set1_epi8(8))
-                              : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 2));
+    const __m256i q = signed_block(w, nibbles);
     const __m256i aq = _mm256_sign_epi8(q, q);
     const float dw = half_to_float(load_u16(w));
     for (int r = 0; r < R; r++) {

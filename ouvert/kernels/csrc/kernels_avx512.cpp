@@ -71,11 +71,6 @@ static inline __m512 pair_ps(float even, float odd) {
   return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_set1_ps(even)),
                                              _mm256_castps_pd(_mm256_set1_ps(odd)), 1));
 }
-// A block's 32 weights as signed bytes (Q8_0 as stored, Q4_0's nibbles minus 8), or zeros past the end.
-static inline __m256i signed_block(const uint8_t* w, bool nibbles) {
-  return nibbles ? _mm256_sub_epi8(nibbles32(w + 2), _mm256_set1_epi8(8))
-                 : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 2));
-}
 // |q| times x carrying q's sign (x negated where q < 0): maddubs takes its first operand unsigned.
 static inline __m512i signed_dot(__m512i q, __m512i x) {
   const __m512i sx = _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(q), _mm512_setzero_si512(), x);
@@ -89,9 +84,11 @@ static inline float hsum_pair(__m512 acc) {
   return hsum8(_mm256_add_ps(_mm512_castps512_ps256(acc), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc), 1))));
 }
 
-// Lanes 0-7 from float 2g of a vector, lanes 8-15 from float 2g + 1: a block pair's two scales.
-static inline __m512i pair_index(int g) {
-  return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32(2 * g)), _mm256_set1_epi32(2 * g + 1), 1);
+// Block pair g's two scales from 8 blocks' (v): lanes 0-7 float 2g of v, lanes 8-15 float 2g + 1.
+static inline __m512 pair_scales(__m256 v, int g) {
+  const __m512i index =
+      _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32(2 * g)), _mm256_set1_epi32(2 * g + 1), 1);
+  return _mm512_permutexvar_ps(index, _mm512_castps256_ps512(v));
 }
 
 // Whole groups of 8 blocks take their 8 scales (and Q4_1's offsets) in vectors (halves8, in
@@ -111,8 +108,7 @@ static inline void qdot_rows_signed(const uint8_t* w, int stride, bool nibbles, 
       const __m512i q = pair(signed_block(wg, nibbles), signed_block(wg + stride, nibbles));
       for (int r = 0; r < R; r++) {
         const __m512i p = signed_dot(q, _mm512_loadu_si512(qx + r * K + 32 * (b + 2 * g)));
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(pair_index(g), _mm512_castps256_ps512(dwx[r])),
-                                 acc[r]);
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), pair_scales(dwx[r], g), acc[r]);
       }
     }
   }
@@ -147,8 +143,7 @@ static inline void qdot_rows_q4_1(const uint8_t* w, const int8_t* qx, int64_t K,
       const __m512i q = pair(nibbles32(w + 40 * g + 4), nibbles32(w + 40 * g + 24));
       for (int r = 0; r < R; r++) {
         const __m512i p = dot_u8_i8_512(q, _mm512_loadu_si512(qx + r * K + 32 * (b + 2 * g)));
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(pair_index(g), _mm512_castps256_ps512(dwx[r])),
-                                 acc[r]);
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), pair_scales(dwx[r], g), acc[r]);
       }
     }
   }
@@ -200,8 +195,7 @@ static inline void qdot_rows_q4_k(const uint8_t* w, const int8_t* qx, int64_t K,
       const __m512i q = pair(even, odd);
       for (int r = 0; r < R; r++) {
         const __m512i p = dot_u8_i8_512(q, _mm512_loadu_si512(qx + r * K + 32 * b));
-        const __m512 scale = _mm512_permutexvar_ps(pair_index(g), _mm512_castps256_ps512(dsx[r]));
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), scale, acc[r]);
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), pair_scales(dsx[r], g), acc[r]);
       }
     }
   }

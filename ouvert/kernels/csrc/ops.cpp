@@ -176,13 +176,9 @@ at::Tensor block_matmul(const at::Tensor& x, const at::Tensor& w, int64_t qtype)
 // bytes), each head's rows contiguous (the heads themselves may be strided: a view of a wider
 // weight): MLA's absorbed heads in one op instead of H. y (B, H, T, N) in x's dtype.
 at::Tensor block_matmul_heads(const at::Tensor& x, const at::Tensor& w, int64_t qtype) {
-  TORCH_CHECK(w.dim() == 3 && w.scalar_type() == at::kByte && w.device().is_cpu() && w.stride(2) == 1 &&
-              w.stride(1) == w.size(2), "head weights: (heads, rows, bytes) uint8 with each head's rows contiguous");
+  TORCH_CHECK(w.dim() == 3, "head weights: (heads, rows, bytes)");
   TORCH_CHECK(x.dim() == 4 && x.size(1) == w.size(0), "block_matmul_heads: x (B, heads, T, features)");
-  const int64_t H = w.size(0), N = w.size(1);
-  const auto [values, bytes] = block_size(qtype);
-  TORCH_CHECK(w.size(2) % bytes == 0, "weight rows of ", w.size(2), " bytes do not hold whole blocks of type ", qtype);
-  const int64_t K = w.size(2) / bytes * values;
+  const int64_t H = w.size(0), N = w.size(1), K = row_values(w.select(0, 0), qtype);  // each head as one weight
   TORCH_CHECK(x.size(3) == K, "input has ", x.size(3), " features, the weight ", K);
   const at::Tensor xf = x.to(at::kFloat).transpose(0, 1).contiguous();  // (H, B, T, K): a head's rows together
   const int64_t M = xf.size(1) * xf.size(2);
