@@ -414,6 +414,13 @@ def hf_state_dict_to_ours(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict
     return out
 
 
+def read_state_dict(path: str | Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """A checkpoint directory's weights (sharded or not) under our names, as stored: what a
+    trainer resuming a run loads into the model it has already built."""
+    files = WeightFiles(Path(path))
+    return hf_state_dict_to_ours({k: files.get(k) for k in files.where}, cfg)
+
+
 def save_model(
     model: Transformer,
     path: str | Path,
