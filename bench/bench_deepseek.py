@@ -32,6 +32,7 @@ import time
 import bench_decode as bd
 import torch
 
+from ouvert.checkpoint.base import num_params
 from ouvert.config import ModelConfig
 
 NAME = "deepseek-v3-small"
@@ -121,7 +122,7 @@ def main(argv=None) -> None:
     args = bd.check_args(p, p.parse_args(argv))
     info = bd.setup(args)
     cfg = ModelConfig.from_hf(CONFIG)
-    print(f"{NAME}: {cfg.num_params() / 1e9:.2f}B parameters, "
+    print(f"{NAME}: {num_params(cfg) / 1e9:.2f}B parameters, "
           f"{active_params(cfg) / 1e9:.2f}B read per decoded token", flush=True)
     t0 = time.perf_counter()
     machine = bd.Machine(args.dtypes)

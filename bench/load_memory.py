@@ -117,16 +117,17 @@ def main(argv=None) -> None:
     import bench_decode as bd  # beside this script, so on sys.path
 
     import ouvert
+    from ouvert.checkpoint.base import num_params
 
     cfg = ouvert.preset(args.shape)
     path = bd.ensure_checkpoints(cfg, args.shape, ["bfloat16"], args.seed)["bfloat16"]
-    weight_bytes = cfg.num_params() * 2
+    weight_bytes = num_params(cfg) * 2
     rows = []
     for lib in LIBS:
         r = measure(lib, path, args.threads)
         assert r["model_weight_bytes"] == weight_bytes, (r["model_weight_bytes"], weight_bytes)
         rows.append(summarize(r, weight_bytes))
-    print(f"{args.shape} bfloat16, {cfg.num_params() / 1e9:.2f}B parameters, checkpoint {path}")
+    print(f"{args.shape} bfloat16, {num_params(cfg) / 1e9:.2f}B parameters, checkpoint {path}")
     print_table(rows, weight_bytes)
     import torch
     import transformers

@@ -51,10 +51,10 @@ def read_bandwidth(nbytes: int = 2**30) -> float:
 def ouvert_rates(model, prompt: list[int], n: int, prefill_ids: list[int], compile: bool = False
                  ) -> tuple[float, float]:
     """(decode tokens/s over n greedy tokens after prompt, prefill tokens/s of prefill_ids)."""
-    from ouvert.generate import stream
+    from ouvert.generate import SamplingParams, stream
 
     times = []
-    for _ in stream(model, prompt, n, stop_token_ids=[], compile=compile):
+    for _ in stream(model, prompt, n, SamplingParams(stop_token_ids=[]), compile=compile):
         times.append(time.perf_counter())
     decode = (len(times) - 1) / (times[-1] - times[0])
     with torch.no_grad():
@@ -125,7 +125,7 @@ def llama_cpp_logits(threads: int, tokens: list[int]) -> np.ndarray:
 
 PEAK = """
 import sys, torch, ouvert
-from ouvert.checkpoint.hf import build_on_meta
+from ouvert.checkpoint.base import build_on_meta
 from ouvert.config import preset
 build_on_meta(preset("tiny-llama"))  # torch's first model on the meta device costs ~80 MB, once a process
 def status(key):

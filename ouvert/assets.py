@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ouvert.checkpoint.hf import CheckpointError
+from ouvert.checkpoint.base import CheckpointError
 from ouvert.checkpoint.manifest import sha256_file
 
 FETCH = "`make assets` (scripts/fetch_assets.sh)"

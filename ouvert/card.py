@@ -14,7 +14,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ouvert.checkpoint import manifest
+from ouvert.checkpoint.hf import read_config
+from ouvert.model import Transformer
+from ouvert.quantize import describe_quantization, quantized_numel
 
 CARD = "MODEL_CARD.md"
 
@@ -33,11 +38,6 @@ def _fmt(v: Any) -> str:
 
 def architecture_rows(cfg) -> list[tuple[str, str]]:
     """`ouvert info`'s rows, from a model built on the meta device (no weights read)."""
-    import torch
-
-    from ouvert.cli import describe
-    from ouvert.model import Transformer
-
     with torch.device("meta"):
         model = Transformer(cfg)
     rows = [r for r in describe(model) if r[0] not in ("dtype", "mtp")]
@@ -96,7 +96,6 @@ def _training_section(record: dict[str, Any]) -> list[str]:
 
 def render(path: str | Path, license: str | None = None) -> str:
     """The card's Markdown; also (re)draws loss.png beside it when the checkpoint has metrics."""
-    from ouvert.checkpoint.hf import read_config
     from ouvert.train.loop import plot_losses
 
     path = Path(path)
@@ -210,3 +209,39 @@ def cmd_verify(args) -> None:
         raise SystemExit(1)
     n = len(manifest.read(args.model)["weights"])
     print(f"ok: {n} weight file(s) in {args.model} match ouvert.json")
+
+
+def describe(model) -> list[tuple[str, str]]:
+    """Rows of `ouvert info` (and of the card's architecture table)."""
+    c = model.config
+    params = sum(p.numel() for p in model.parameters()) + quantized_numel(model)  # int8 / int4: buffers
+    rows = [
+        ("architecture", c.model_type),
+        ("parameters", f"{params:,} ({params / 1e6:.1f}M)"),
+        ("dtype", str(model.dtype).removeprefix("torch.")),  # activations (and float weights)
+        ("context length", f"{c.max_position_embeddings:,}"),
+        ("layers", str(c.num_hidden_layers)),
+        ("hidden size", str(c.hidden_size)),
+        ("vocabulary", f"{c.vocab_size:,}"),
+    ]
+    if c.is_mla:
+        q = "direct" if c.q_lora_rank is None else f"q_lora_rank {c.q_lora_rank}"
+        rows.append(("attention", f"MLA, {c.num_attention_heads} heads, kv_lora_rank {c.kv_lora_rank}, {q}"))
+    else:
+        rows.append(("attention", f"GQA, {c.num_attention_heads} heads, {c.num_key_value_heads} KV heads, "
+                                  f"head_dim {c.head_dim}"))
+    if c.n_routed_experts:
+        n_moe = sum(c.is_moe_layer(i) for i in range(c.num_hidden_layers))
+        rows.append(("experts", f"{n_moe} MoE layers: {c.n_routed_experts} routed ({c.num_experts_per_tok} active), "
+                                f"{c.n_shared_experts} shared, {c.scoring_func} gating"))
+    if c.rope_scaling:
+        rows.append(("rope", f"theta {c.rope_theta:g}, {c.rope_scaling['rope_type']} scaling"))
+    else:
+        rows.append(("rope", f"theta {c.rope_theta:g}"))
+    if c.num_nextn_predict_layers:
+        rows.append(("mtp", f"{len(model.mtp)} module(s) loaded"))
+    rows.append(("tied embeddings", str(c.tie_word_embeddings).lower()))
+    quantized = describe_quantization(model)
+    if quantized:
+        rows.append(("quantization", quantized))
+    return rows

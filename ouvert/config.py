@@ -368,16 +368,6 @@ class ModelConfig:
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
         return cls.from_hf(data, source=str(path))
 
-    def num_params(self) -> int:
-        """Parameter count, computed from the shapes (no model needed)."""
-        import torch
-
-        from ouvert.model import Transformer  # local: config must not import torch modules eagerly
-
-        with torch.device("meta"):
-            m = Transformer(self)
-        return sum(p.numel() for p in m.parameters())
-
 
 _HINTS = typing.get_type_hints(ModelConfig)  # field name -> its annotation, resolved
 

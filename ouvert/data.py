@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from ouvert.checkpoint.manifest import sha256_file
-from ouvert.tokenizer import load_tokenizer, tokenizer_hash
+from ouvert.checkpoint.io import load_tokenizer
+from ouvert.tokenizer import tokenizer_hash
 
 
 class DataError(ValueError):

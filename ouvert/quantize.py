@@ -50,6 +50,7 @@ suffixes: `model.layers.L.mlp.experts.J.gate_proj.weight_scale`. An int8 head is
 
 from __future__ import annotations
 
+import copy
 import time
 from functools import partial
 from pathlib import Path
@@ -59,6 +60,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ouvert import kernels
+from ouvert.checkpoint.base import CheckpointError, hf_names, our_name
+from ouvert.kernels.encode import quantize as encode
 from ouvert.model import Experts, MLAttention, Router, expert_counts, sorted_dispatch
 
 QUANT_METHOD = "ouvert"
@@ -393,8 +396,6 @@ def float_rows_view(model: nn.Module) -> nn.Module | None:
     F32 / BF16 / F16, routed experts BlockExperts, routers BlockRouter, MLA BlockMLAttention, each
     over a uint8 view of the float weights: nothing is copied but MLA's transposed key half, and the
     original model is left as it is. None where that cannot hold: int8 / int4 layers."""
-    import copy
-
     if any(isinstance(m, QUANTIZED) for m in model.modules()):
         return None
     kinds = (nn.Linear, Experts, Router, MLAttention)
@@ -500,8 +501,6 @@ def quantize_to_blocks(model: nn.Module, scheme: str) -> nn.Module:
     """Quantize a float Transformer in place into GGUF's block formats (block_plan): encode, swap
     for BlockLinear / BlockEmbedding, assign; the tensor types go into its quantization_config, so
     that save_model writes them and load_model (and `ouvert export gguf`) reads them back."""
-    from ouvert.kernels.encode import quantize as encode
-
     if any(isinstance(m, (*QUANTIZED, BlockLinear, BlockEmbedding, BlockExperts)) for m in model.modules()):
         raise QuantizeError(f"the model is quantized already ({model.config.extra.get('quantization_config')})")
     plan = block_plan(model, scheme)
@@ -542,8 +541,6 @@ def _float_rows(model: nn.Module, name: str) -> Tensor:
 def block_config(model: nn.Module, types: dict[str, str | int]) -> dict:
     """config.json's record of a block model: {"quant_method": "gguf", "tensor_types": {HF tensor
     name: GGML type name}}, one entry per tensor kept in blocks (a tied head is the embedding's)."""
-    from ouvert.checkpoint.hf import hf_names
-
     names = {}
     for name, t in types.items():
         if name == HEAD and model.config.tie_word_embeddings:
@@ -556,8 +553,6 @@ def block_config(model: nn.Module, types: dict[str, str | int]) -> dict:
 def block_types(qc: dict, cfg, where: Path | str) -> dict[str, int]:
     """block_config's inverse on a model config: our module name -> GGML type id (the tied head
     added), a CheckpointError naming the file and the entry for anything ouvert cannot run."""
-    from ouvert.checkpoint.hf import CheckpointError, our_name
-
     out: dict[str, int] = {}
     stacks: dict[str, dict[int, int]] = {}  # routed experts: stack name -> {expert: type}
     tensor_types = qc.get("tensor_types")
@@ -997,8 +992,6 @@ def read_quantization_config(qc: dict, where: Path | str) -> tuple[str, int | No
     """(scheme, group_size, head) of an ouvert quantization_config, head None for a float head (and
     for configs written before the head was quantized, which have no "head"); a CheckpointError
     naming the file and the field for anything else."""
-    from ouvert.checkpoint.hf import CheckpointError
-
     if qc.get("quant_method") != QUANT_METHOD:
         raise CheckpointError(f"{where}: quantization_config.quant_method {qc.get('quant_method')!r} is not one "
                               f"ouvert reads (it reads 'fp8' and {QUANT_METHOD!r})")
@@ -1026,39 +1019,8 @@ def prepare_for_load(model: nn.Module, qc: dict, where: Path | str) -> None:
     swap_experts(model, expert_names(model), scheme, group_size)
     if head is not None:
         if head_name(model) is None:
-            from ouvert.checkpoint.hf import CheckpointError
-
             raise CheckpointError(f"{where}: quantization_config: head {head!r}, but the model's head is tied "
                                   "to the embedding (tie_word_embeddings), which stays float")
         swap_linears(model, [HEAD], head, None)
 
 
-def cli_quantize(args) -> None:
-    """`ouvert quantize --model DIR --scheme int8|int4 [--group-size G] --out DIR`."""
-    from ouvert import load_model, save_model
-    from ouvert.tokenizer import load_tokenizer
-
-    if args.scheme not in BLOCK_SCHEMES:
-        check_scheme(args.scheme, args.group_size)
-    src = Path(args.model)
-    # a GGUF file is read dequantized (its blocks, requantized, lose more than float weights would)
-    model = quantize_model(load_model(src, dtype=torch.float32 if src.suffix == ".gguf" else None), args.scheme,
-                           args.group_size)
-    tok = load_tokenizer(src) if src.suffix == ".gguf" or (src / "tokenizer.json").is_file() else None
-    lineage = {"derived_by": f"ouvert quantize --scheme {args.scheme}"}
-    from ouvert.checkpoint.manifest import parent_record
-
-    lineage["parent"] = parent_record(src)  # ouvert.json names the checkpoint (or file) it came from
-    save_model(model, args.out, tokenizer=tok, provenance=lineage)
-    print(f"wrote {args.out}: {describe_quantization(model)}")
-
-
-def add_quantize_parser(sub) -> None:
-    p = sub.add_parser("quantize", help="weight-only checkpoint (HF layout): GGUF block formats, int8, int4")
-    p.add_argument("--model", required=True, help="float checkpoint directory")
-    p.add_argument("--scheme", required=True,
-                   help=f"{', '.join(BLOCK_SCHEMES)} (GGUF's block formats, run by ouvert's kernels); "
-                        "int8 (per output channel) or int4 (groups), run by torch's kernels")
-    p.add_argument("--group-size", type=int, default=None, help="int4: 32, 64, 128 or 256 (default 128, else 32)")
-    p.add_argument("--out", required=True)
-    p.set_defaults(func=cli_quantize)

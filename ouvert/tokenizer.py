@@ -182,14 +182,11 @@ class StreamDecoder:
         return now[len(before) :]
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
+def read_tokenizer(path: str | Path) -> Tokenizer:
     """Read a tokenizer from a directory with tokenizer.json (and tokenizer_config.json,
-    generation_config.json, chat_template.jinja when present)."""
+    generation_config.json, chat_template.jinja when present). ouvert.checkpoint.io.load_tokenizer
+    also reads the one a GGUF file carries."""
     path = Path(path)
-    if path.suffix == ".gguf" and path.is_file():  # llama.cpp / Ollama files carry their tokenizer
-        from ouvert.checkpoint.gguf import gguf_tokenizer
-
-        return gguf_tokenizer(path)
     tj = path / "tokenizer.json"
     if not path.is_dir():
         raise TokenizerError(f"{path}: no such directory")
@@ -298,7 +295,7 @@ def train_tokenizer(files: list[str | Path], vocab_size: int, out: str | Path, m
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     gen = {"bos_token_id": bos_id, "eos_token_id": eos_ids}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-    return load_tokenizer(out)
+    return read_tokenizer(out)
 
 
 def tokenizer_hash(path: str | Path) -> str:

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 import ouvert
 from ouvert import CheckpointError
 from ouvert.checkpoint import hf as hfmod
+from ouvert.checkpoint.base import hf_names, our_name
 
 
 def _logits(model, n=50, seed=0):
@@ -172,11 +173,11 @@ def test_name_table_round_trip():
         with torch.device("meta"):
             m = Transformer(cfg)
         for name in m.state_dict():
-            keys = hfmod.hf_names(name, cfg)
+            keys = hf_names(name, cfg)
             for e, k in enumerate(keys):
-                assert hfmod.our_name(k, cfg) == (name, e if len(keys) > 1 else None), k
-    assert hfmod.hf_names("mtp.0.block.mlp.experts.up_proj", ds)[3] == "model.layers.2.mlp.experts.3.up_proj.weight"
-    assert hfmod.hf_names("mtp.0.norm.weight", ds) == ["model.layers.2.shared_head.norm.weight"]
+                assert our_name(k, cfg) == (name, e if len(keys) > 1 else None), k
+    assert hf_names("mtp.0.block.mlp.experts.up_proj", ds)[3] == "model.layers.2.mlp.experts.3.up_proj.weight"
+    assert hf_names("mtp.0.norm.weight", ds) == ["model.layers.2.shared_head.norm.weight"]
 
 
 def test_deepseek_built_here_runs_in_transformers(tmp_path):

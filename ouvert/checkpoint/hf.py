@@ -1,19 +1,14 @@
 """Hugging Face checkpoint directories: config.json + safetensors (one file or shards).
 
-Our parameter names are HF's without the `model.` prefix, with two exceptions that compute wants:
-routed experts are stacked into one tensor per projection, and DeepSeek-V3's multi-token
-prediction module, which HF checkpoints keep as layer `num_hidden_layers`, is `mtp.{k}`. The one
-table `NAMES` below maps both directions. Weights are memory-mapped (safetensors), converted only
-if asked for another dtype, and DeepSeek's FP8 blocks are dequantized tensor by tensor.
+Names map through checkpoint/base.py's table. Weights are memory-mapped (safetensors), converted
+only if asked for another dtype, and DeepSeek's FP8 blocks are dequantized tensor by tensor. An
+ouvert int8 / int4 or GGUF-block checkpoint (ouvert/quantize.py) gets its quantized modules.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import re
-import shutil
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -23,89 +18,19 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ouvert.checkpoint import manifest
+from ouvert.checkpoint.base import (
+    SHARED_COPIES,
+    CheckpointError,
+    assign_weights,
+    build_on_meta,
+    hf_names,
+    our_name,
+    write_atomically,
+    write_json,
+)
 from ouvert.config import ConfigError, ModelConfig
 from ouvert.model import Transformer
-
-# The dtypes a command line may ask load_model for, by name.
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or written; the message names the file and the key."""
-
-
-# ---- the name table ---------------------------------------------------------------------------
-# (ours, HF). Placeholders: {i} a trunk layer, {m} an MTP depth (HF layer num_hidden_layers + m),
-# {e} an expert (stacked on dim 0 on our side), {w} an expert projection, {q} empty or, in an int8 /
-# int4 checkpoint (ouvert/quantize.py), the suffix of a quantized tensor (`gate_proj_scale` is
-# `gate_proj.weight_scale`), {own} a part only the MTP module has, {rest} any remaining dotted
-# path. First match wins, in both directions.
-NAMES: list[tuple[str, str]] = [
-    ("embed_tokens.weight", "model.embed_tokens.weight"),
-    ("norm.weight", "model.norm.weight"),
-    ("lm_head.weight{q}", "lm_head.weight{q}"),
-    ("layers.{i}.mlp.experts.{w}{q}", "model.layers.{i}.mlp.experts.{e}.{w}.weight{q}"),
-    ("layers.{i}.{rest}", "model.layers.{i}.{rest}"),
-    ("mtp.{m}.norm.weight", "model.layers.{m}.shared_head.norm.weight"),
-    ("mtp.{m}.{own}", "model.layers.{m}.{own}"),
-    ("mtp.{m}.block.mlp.experts.{w}{q}", "model.layers.{m}.mlp.experts.{e}.{w}.weight{q}"),
-    ("mtp.{m}.block.{rest}", "model.layers.{m}.{rest}"),
-]
-# HF keys we read past on purpose: the MTP layer's copies of the shared embedding and head (an int8
-# head's scale too).
-_SHARED_COPIES = re.compile(r"model\.layers\.(\d+)\.(embed_tokens\.weight|shared_head\.head\.weight(_scale)?)$")
-_PATTERNS = {
-    "i": r"(?P<i>\d+)", "m": r"(?P<m>\d+)", "e": r"(?P<e>\d+)", "w": r"(?P<w>gate_proj|up_proj|down_proj)",
-    "q": r"(?P<q>|_scale|_packed|_zero)",
-    "own": r"(?P<own>enorm\.weight|hnorm\.weight|eh_proj\.weight)", "rest": r"(?P<rest>.+)",
-}
-
-
-def _regex(template: str) -> re.Pattern:
-    out = re.escape(template)
-    for k, v in _PATTERNS.items():
-        out = out.replace(re.escape("{" + k + "}"), v)
-    return re.compile(out + "$")
-
-
-_RULES = [(ours, hf, _regex(ours), _regex(hf)) for ours, hf in NAMES]
-
-
-def hf_names(name: str, cfg: ModelConfig) -> list[str]:
-    """Our parameter name -> its HF key(s); a stacked expert tensor gives one key per expert."""
-    n = cfg.num_hidden_layers
-    for _, hf, ours_re, _ in _RULES:
-        m = ours_re.match(name)
-        if m:
-            g = m.groupdict()
-            if "m" in g:
-                g["m"] = str(n + int(g["m"]))
-            if "{e}" in hf:
-                return [hf.format(**g, e=e) for e in range(cfg.n_routed_experts)]
-            return [hf.format(**g)]
-    raise CheckpointError(f"no HF name for parameter {name!r}")
-
-
-def our_name(key: str, cfg: ModelConfig) -> tuple[str, int | None] | None:
-    """HF key -> (our name, expert index or None); None for keys we skip on purpose."""
-    n = cfg.num_hidden_layers
-    if _SHARED_COPIES.match(key):
-        return None
-    for ours, _, _, hf_re in _RULES:
-        m = hf_re.match(key)
-        if not m:
-            continue
-        g = m.groupdict()
-        if "i" in g and int(g["i"]) >= n:
-            continue  # a layer past the trunk is an MTP module
-        if "m" in g:
-            if int(g["m"]) < n:
-                continue
-            g["m"] = str(int(g["m"]) - n)
-        e = g.pop("e", None)
-        return ours.format(**g), None if e is None else int(e)
-    return None
-
+from ouvert.quantize import pack_for_kernels, prepare_for_load, read_quantization_config
 
 # ---- reading ------------------------------------------------------------------------------------
 
@@ -240,21 +165,13 @@ def _check_mtp_copies(cfg: ModelConfig, files: WeightFiles, path: Path) -> None:
                     )
 
 
-def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Transformer:
+def load_hf(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Transformer:
     """Load a Hugging Face checkpoint directory (config.json + safetensors, sharded or not).
 
     Tensors stay memory-mapped and in their stored dtype unless `dtype` asks for another; FP8
     checkpoints are dequantized (to bfloat16 unless told otherwise), one tensor at a time.
     """
     path = Path(path)
-    if path.suffix == ".gguf":  # llama.cpp / Ollama files
-        from ouvert.checkpoint.gguf import load_gguf
-
-        return load_gguf(path, dtype=dtype, device=device)
-    from ouvert.checkpoint.meta import is_meta_dir, load_meta
-
-    if is_meta_dir(path):  # Meta's params.json + consolidated.*.pth
-        return load_meta(path, dtype=dtype, device=device)
     cfg = read_config(path)
     files = WeightFiles(path)
     qc = cfg.extra.get("quantization_config") or {}
@@ -269,8 +186,6 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
             )
         dtype = dtype or torch.bfloat16
     elif qc and qc.get("quant_method") != "gguf":  # ouvert's int8 / int4: unknown methods and schemes fail here
-        from ouvert.quantize import read_quantization_config
-
         read_quantization_config(qc, path / "config.json")
 
     # DeepSeek-V3 configs say num_nextn_predict_layers=1 whether or not the file holds the MTP
@@ -285,7 +200,8 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
         cfg.num_nextn_predict_layers = present
     _check_mtp_copies(cfg, files, path)
 
-    model, expected = build_on_meta(cfg)
+    swap = None if fp8 or not qc else (lambda m: prepare_for_load(m, qc, "config.json"))
+    model, expected = build_on_meta(cfg, swap)
 
     used: set[str] = set()
     state: dict[str, torch.Tensor] = {}
@@ -319,7 +235,7 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
             t = t.to(dtype)
         state[name] = t.to(device)
 
-    unused = [k for k in files.where if k not in used and not _SHARED_COPIES.match(k)]
+    unused = [k for k in files.where if k not in used and not SHARED_COPIES.match(k)]
     unused = [k for k in unused if not k.endswith("rotary_emb.inv_freq") and not k.endswith("_scale_inv")]
     if cfg.tie_word_embeddings:
         unused = [k for k in unused if k != "lm_head.weight"]
@@ -331,39 +247,8 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
     if fp8:
         cfg.extra.pop("quantization_config", None)  # what we hold now is dequantized
     elif qc:
-        from ouvert.quantize import pack_for_kernels
-
         pack_for_kernels(model)  # int4: the CPU kernel's own layout, made from the portable one
     return model
-
-
-def build_on_meta(cfg: ModelConfig) -> tuple[Transformer, dict[str, torch.Tensor]]:
-    """The model on the meta device (no memory, no random init), and the tensors a checkpoint
-    must supply: parameters and persistent buffers, the tied head excepted. An ouvert int8 / int4
-    config (quantization_config) gets its quantized Linears (ouvert/quantize.py)."""
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    qc = cfg.extra.get("quantization_config") or {}
-    if qc and qc.get("quant_method") != "fp8":
-        from ouvert.quantize import prepare_for_load
-
-        prepare_for_load(model, qc, "config.json")
-    expected = dict(model.named_parameters())
-    expected.update((k, v) for k, v in model.named_buffers() if k in model.state_dict())
-    if cfg.tie_word_embeddings:
-        expected.pop("lm_head.weight", None)
-    return model, expected
-
-
-def assign_weights(model: Transformer, state: dict[str, torch.Tensor], device) -> Transformer:
-    """Put loaded tensors in place of the meta ones (assign=True: no copy), re-tie the head,
-    and compute the rotary tables on the device."""
-    model.load_state_dict(state, strict=False, assign=True)
-    if model.config.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    model.reset_buffers()
-    model.inv_freq = model.inv_freq.to(device)
-    return model.eval()
 
 
 # ---- writing ------------------------------------------------------------------------------------
@@ -448,29 +333,6 @@ def save_model(
     return write_atomically(path, write)
 
 
-def write_atomically(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Fill a temporary directory beside `path` with write(tmp), then rename it over `path`.
-    If anything fails (a full disk), what was at `path` is untouched and the temp dir removed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        write(tmp)
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{os.getpid()}"
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
-
-
 def _write(model: Transformer, out: Path, tokenizer, max_shard_bytes: int, state_dict) -> None:
     cfg = model.config
     tensors = hf_state_dict(model, state_dict)
@@ -503,17 +365,15 @@ def _write(model: Transformer, out: Path, tokenizer, max_shard_bytes: int, state
         weight_map.update(dict.fromkeys(shard, fname))
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        _write_json(out / "model.safetensors.index.json", index)
+        write_json(out / "model.safetensors.index.json", index)
     hf = cfg.to_hf()
     hf["torch_dtype"] = str(model.dtype).removeprefix("torch.")  # the embedding may hold blocks (uint8)
-    _write_json(out / "config.json", hf)
+    write_json(out / "config.json", hf)
     gen = {k: v for k, v in (("bos_token_id", cfg.bos_token_id), ("eos_token_id", cfg.eos_token_id)) if v is not None}
     if tokenizer is not None:
         tokenizer.save(out)
         gen.update(tokenizer.generation_config)
     if gen:
-        _write_json(out / "generation_config.json", gen)
+        write_json(out / "generation_config.json", gen)
 
 
-def _write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")

@@ -23,6 +23,9 @@ from typing import Any
 
 import torch
 
+from ouvert.tokenizer import tokenizer_hash  # the hash data manifests record, so the two compare
+from ouvert.version import __version__
+
 MANIFEST = "ouvert.json"
 TRAIN_STATE = "train_state"
 FORMAT = 1
@@ -75,10 +78,8 @@ def checkpoint_hash(path: str | Path) -> str:
 def code_version() -> dict[str, Any]:
     """ouvert's version and, when it runs from a git checkout, the commit and whether the tree
     had uncommitted changes to tracked files."""
-    import ouvert
-
-    out: dict[str, Any] = {"version": ouvert.__version__, "git_commit": None, "git_dirty": None}
-    root = Path(ouvert.__file__).resolve().parent.parent
+    out: dict[str, Any] = {"version": __version__, "git_commit": None, "git_dirty": None}
+    root = Path(__file__).resolve().parents[2]  # the checkout holding ouvert/
     if not (root / ".git").exists():
         return out
     try:
@@ -127,8 +128,6 @@ def parent_record(path: str | Path) -> dict[str, Any]:
 
 def build(path: Path, model_config: dict, fields: dict[str, Any] | None = None) -> dict[str, Any]:
     """The manifest of the checkpoint whose files are already written in `path`."""
-    from ouvert.tokenizer import tokenizer_hash  # the hash data manifests record, so the two compare
-
     hashes = weight_hashes(path)
     record: dict[str, Any] = {
         "format": FORMAT,

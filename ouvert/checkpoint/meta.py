@@ -3,8 +3,8 @@
 Names map through the one table `NAMES` below (ours, Meta's, transform), like checkpoint/hf.py's.
 Meta's q and k rows keep each rotary pair adjacent, (x0, x1), (x2, x3), ..., because Meta's code
 rotates them as complex numbers; HF's and ours split the pairs into halves, (x0, x_{d/2}), ...
-The `rope` transform converts between the two, per head, in both directions (the same permutation
-HF's convert_llama_weights_to_hf.py applies, and the one llama.cpp's GGUF layout shares, see gguf.py).
+The `rope` transform converts between the two, per head, in both directions (base.py; the permutation
+HF's convert_llama_weights_to_hf.py applies, and the one llama.cpp's GGUF layout shares, see checkpoint/base.py).
 
 Model-parallel shards are put back together by shape: a tensor that is whole in every file is
 replicated; otherwise it is concatenated along the one axis where the shards add up to the size
@@ -21,7 +21,6 @@ default factor 8 (Llama 3.1), with a warning (Llama 3.2 1B/3B use 32).
 from __future__ import annotations
 
 import json
-import logging
 import re
 import warnings
 from pathlib import Path
@@ -29,23 +28,15 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ouvert.checkpoint.hf import CheckpointError, assign_weights, build_on_meta  # hf imports this lazily
+from ouvert.checkpoint.base import (
+    CheckpointError,
+    assign_weights,
+    build_on_meta,
+    rope_halves_to_pairs,
+    rope_pairs_to_halves,
+)
 from ouvert.config import ConfigError, ModelConfig
 from ouvert.model import Transformer
-
-log = logging.getLogger(__name__)
-
-
-def rope_pairs_to_halves(w: Tensor, n_head: int) -> Tensor:
-    """Rows of q or k (n_head * d, ...) from the adjacent-pairs layout (Meta, GGUF) to halves (HF, ours)."""
-    return w.reshape(n_head, -1, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
-
-
-def rope_halves_to_pairs(w: Tensor, n_head: int) -> Tensor:
-    """The inverse of rope_pairs_to_halves: halves (HF, ours) to adjacent pairs (Meta, GGUF); it is
-    llama.cpp's LlamaModel.permute."""
-    return w.reshape(n_head, 2, -1, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
-
 
 # (ours, Meta's, transform). {i} is a layer. Transforms: "rope_q" / "rope_k" permute the rows of each
 # query / key head (n_head / n_kv_head of them) between the two rotary layouts.
@@ -214,28 +205,3 @@ def load_meta(path: str | Path, dtype: torch.dtype | None = None, device: str | 
     return model
 
 
-def export_hf(model_dir: str | Path, out: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
-    """`ouvert export hf`: any checkpoint load_model reads (Meta's layout, a GGUF file, a HF directory)
-    written as a HF directory, with the tokenizer from `tokenizer_dir`, else the GGUF file's own, else
-    the model directory's tokenizer.json (Meta's tokenizer.model is not converted)."""
-    from ouvert.checkpoint.hf import load_model, save_model
-    from ouvert.tokenizer import load_tokenizer
-
-    model = load_model(model_dir, dtype=torch.float32 if Path(model_dir).suffix == ".gguf" else None)  # floats to write
-    src = Path(model_dir)
-    if tokenizer_dir is None and src.suffix == ".gguf":  # a GGUF file carries its tokenizer
-        from ouvert.checkpoint.gguf import gguf_tokenizer
-
-        tok = gguf_tokenizer(src)
-    else:
-        tok_dir = Path(tokenizer_dir) if tokenizer_dir else src
-        tok = load_tokenizer(tok_dir) if (tok_dir / "tokenizer.json").is_file() else None
-        if tokenizer_dir and tok is None:
-            raise _error(f"{tok_dir / 'tokenizer.json'}: missing")
-    if tok is None and (src / "tokenizer.model").is_file():
-        log.warning("%s: tokenizer.model is not converted; pass --tokenizer DIR with a tokenizer.json", src)
-    if tok is not None:
-        cfg = model.config
-        cfg.bos_token_id = cfg.bos_token_id if cfg.bos_token_id is not None else tok.bos_token_id
-        cfg.eos_token_id = cfg.eos_token_id if cfg.eos_token_id is not None else tok.eos_token_id
-    return save_model(model, out, tokenizer=tok)

@@ -27,6 +27,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from ouvert.eval import score
+from ouvert.eval.run import EvalConfig, load
 
 
 @register_model("ouvert")
@@ -34,8 +35,6 @@ class OuvertLM(LM):
     def __init__(self, path: str, tokenizer: str | None = None, dtype: str | None = None, device: str | None = None,
                  batch_size: int | str = 8, max_length: int | None = None, **_ignored) -> None:
         super().__init__()
-        from ouvert.eval.run import EvalConfig, load
-
         if device and device.startswith("cuda") and not torch.cuda.is_available():
             # lm-eval's --device defaults to cuda:0 even where there is none; run on the CPU then.
             print(f"ouvert: no CUDA device; running on the CPU instead of {device}", file=sys.stderr)

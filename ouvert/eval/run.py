@@ -32,10 +32,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ouvert.checkpoint.hf import DTYPES
+from ouvert.checkpoint import io, manifest
+from ouvert.checkpoint.base import DTYPES
+from ouvert.data import expand_inputs, read_manifest
 from ouvert.eval import score
 from ouvert.eval.tasks import Task, TaskError, load_task
 from ouvert.eval.verify import VERIFIERS, is_number
+from ouvert.tokenizer import tokenizer_hash
 
 
 @dataclass
@@ -92,8 +95,6 @@ def generative(model, tok, task: Task, cfg: EvalConfig) -> tuple[dict, list[dict
 
 def _text_documents(path: str, tok) -> list[tuple[str, list[int], int]]:
     """(file, token ids, UTF-8 bytes) per file; a file is one document."""
-    from ouvert.data import expand_inputs
-
     docs = []
     for f in expand_inputs([path]):
         try:
@@ -106,9 +107,6 @@ def _text_documents(path: str, tok) -> list[tuple[str, list[int], int]]:
 
 def _shard_documents(path: Path, tok, split: str | None) -> list[tuple[str, np.ndarray, int]]:
     """(shard file, token ids, bytes of the decoded text) per shard of the split."""
-    from ouvert.data import read_manifest
-    from ouvert.tokenizer import tokenizer_hash
-
     m = read_manifest(path)
     split = split or ("val" if m.get("val") else "train")
     if split not in ("train", "val") or not m.get(split):
@@ -155,14 +153,9 @@ RUNNERS = {"multiple_choice": multiple_choice, "generate": generative, "perplexi
 
 
 def load(cfg: EvalConfig):
-    from ouvert import load_model, load_tokenizer
-
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(cfg.model, dtype=DTYPES[cfg.dtype] if cfg.dtype else None, device=device).eval()
-    tok_dir = Path(cfg.tokenizer or cfg.model)
-    if tok_dir.suffix != ".gguf" and not (tok_dir / "tokenizer.json").is_file():
-        raise ValueError(f"{tok_dir}: no tokenizer.json; pass --tokenizer DIR")
-    return model, load_tokenizer(tok_dir)
+    model, tok = io.load(cfg.model, cfg.tokenizer, DTYPES[cfg.dtype] if cfg.dtype else None, device)
+    return model.eval(), tok
 
 
 def evaluate(model, tok, task: Task, cfg: EvalConfig) -> tuple[dict, list[dict]]:
@@ -175,8 +168,6 @@ def trained_context(model_dir) -> int | None:
     ouvert.json: positions past it were never trained, so longer windows measure extrapolation,
     not the model (None for hub checkpoints and fine-tunes, whose base saw longer contexts)."""
     try:
-        from ouvert.checkpoint import manifest
-
         c = manifest.read(model_dir).get("train_config") or {}
     except (ValueError, OSError):
         return None
@@ -207,9 +198,7 @@ def run(cfg: EvalConfig, model=None, tok=None) -> dict:
         results[task.name] = metrics
         samples[task.name] = recs
         if cfg.record and Path(cfg.model).is_dir():
-            from ouvert.checkpoint.manifest import record_eval
-
-            record_eval(cfg.model, task.name, metrics)
+            manifest.record_eval(cfg.model, task.name, metrics)
     out = {"model": str(cfg.model), "results": results, "config": {k: v for k, v in asdict(cfg).items()
                                                                    if k not in ("model", "out")}}
     if cfg.log_samples:

@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
+import socket
 import sys
+import threading
+import time
 from pathlib import Path
+
+from ouvert.checkpoint import io
+from ouvert.checkpoint.base import DTYPES
+from ouvert.serve.api import create_app
+from ouvert.serve.engine import Engine, default_cache_memory
 
 
 def add_serve_parser(sub) -> None:
@@ -35,11 +44,7 @@ def add_serve_parser(sub) -> None:
 def build_app(args: argparse.Namespace, start_engine: bool = True):
     """Load the model and tokenizer named by args and return (app, engine); start_engine=False leaves
     running the engine to the caller."""
-    from ouvert.cli import _load  # the loader of generate and chat: a directory or a GGUF file
-    from ouvert.serve.api import create_app
-    from ouvert.serve.engine import Engine, default_cache_memory
-
-    model, tok = _load(args)
+    model, tok = io.load(args.model, args.tokenizer, DTYPES.get(args.dtype))
     memory = int(args.cache_memory * (1 << 30)) if args.cache_memory else default_cache_memory()
     engine = Engine(model, tok, max_batch=args.max_batch, max_len=args.max_len, chunk=args.chunk,
                     prefill_chunks=args.prefill_chunks, max_queue=args.max_queue, cache_memory=memory)
@@ -53,9 +58,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
     ran a parallel op (this one, loading the model); ops from another thread get a second team of
     workers, more threads than cores, and libgomp then stops spinning between ops: every parallel op
     waits for its workers to wake (one stream decoded 2.5x slower on 2 cores)."""
-    import signal
-    import threading
-
     import uvicorn
 
     app, engine = build_app(args, start_engine=False)
@@ -91,8 +93,6 @@ class BackgroundServer:
     """
 
     def __init__(self, app, host: str = "127.0.0.1"):
-        import socket
-
         import uvicorn
 
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -104,9 +104,6 @@ class BackgroundServer:
         self.thread = None
 
     def __enter__(self) -> str:
-        import threading
-        import time
-
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 60
