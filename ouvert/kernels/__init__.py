@@ -7,6 +7,7 @@ Rooms:
   csrc/kernels_*.cpp   scalar (any CPU), AVX2 + FMA + F16C, AVX-512, AVX-512 with VNNI, and with
                        VNNI and BF16; chosen at load (csrc/ops.cpp)
   formats.py           the PyTorch twin: the same decoding in tensor ops, the reference in tests
+  encode.py            float weights into the block formats (ouvert quantize), in tensor ops
 
 The C++ extension (ouvert._kernels, built by `pip install -e .` when g++ is there) registers the ops
 `ouvert::block_matmul(x, w, qtype)`, `ouvert::block_matmul_heads` (one weight per head),

@@ -13,8 +13,6 @@ from pathlib import Path
 
 from ouvert.checkpoint import io
 from ouvert.checkpoint.base import DTYPES
-from ouvert.serve.api import create_app
-from ouvert.serve.engine import Engine, default_cache_memory
 
 
 def add_serve_parser(sub) -> None:
@@ -44,6 +42,10 @@ def add_serve_parser(sub) -> None:
 def build_app(args: argparse.Namespace, start_engine: bool = True):
     """Load the model and tokenizer named by args and return (app, engine); start_engine=False leaves
     running the engine to the caller."""
+    # here, not at the top: the other commands register `serve` without loading FastAPI and pydantic
+    from ouvert.serve.api import create_app
+    from ouvert.serve.engine import Engine, default_cache_memory
+
     model, tok = io.load(args.model, args.tokenizer, DTYPES.get(args.dtype))
     memory = int(args.cache_memory * (1 << 30)) if args.cache_memory else default_cache_memory()
     engine = Engine(model, tok, max_batch=args.max_batch, max_len=args.max_len, chunk=args.chunk,
