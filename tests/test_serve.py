@@ -278,6 +278,29 @@ def test_tool_call_stream_parser():
     assert unknown.feed('{"name": "rm_rf", "parameters": {}}') == [] and not unknown.started
 
 
+def test_reply_stream_decides_content_or_calls():
+    """ReplyStream with tool_choice auto: text that cannot begin a call goes out as content with its
+    logprobs, once it can tell; a call goes out as tool_calls deltas; a call CallStream cannot follow
+    is parsed whole at the end; with tools off text passes straight through."""
+    names = {"get_weather"}
+    plain = tool_fmt.ReplyStream("llama", names, forced=False)
+    assert plain.feed(" ", "lp0") == []  # too short to tell
+    assert plain.feed("Sunny.", "lp1") == [({"content": " Sunny."}, "lp1")]
+    assert plain.feed("!", "lp2") == [({"content": "!"}, "lp2")] and plain.finish("stop") == ([], "stop")
+    call = tool_fmt.ReplyStream("llama", names, forced=False)
+    sent = [d for ch in '{"name": "get_weather", "parameters": {"city": "Rome"}}' for d in call.feed(ch, "lp")]
+    assert all(lp is None and list(d) == ["tool_calls"] for d, lp in sent)
+    assert "".join(d["tool_calls"][0]["function"]["arguments"] for d, _ in sent) == '{"city": "Rome"}'
+    assert call.finish("stop") == ([], "tool_calls")
+    odd = tool_fmt.ReplyStream("llama", names, forced=False)  # arguments before the name
+    assert odd.feed('{"parameters": {"city": "Rome"}, "name": "get_weather"}') == []
+    deltas, finish = odd.finish("stop")
+    assert finish == "tool_calls" and [d["tool_calls"][0]["function"]["name"] for d in deltas] == ["get_weather"]
+    off = tool_fmt.ReplyStream("llama", None, forced=False)
+    assert off.feed("", "lp") == [({"content": ""}, "lp")] and off.feed("") == []
+    assert off.finish("length") == ([], "length")
+
+
 def test_tools_in_the_prompt(llama3_tokenizer_dir):
     """Llama 3's template has no tool support: tools go into the system message, a past call is
     written as the model writes calls, and the tool's result keeps its role."""
@@ -633,7 +656,7 @@ def test_the_largest_seed_with_n(client):
 
 def test_serve_a_gguf_file(model_dir, tmp_path, client):
     """`ouvert serve --model FILE.gguf` loads as generate and chat do: the tokenizer from the file."""
-    from ouvert.checkpoint.gguf import export_gguf
+    from ouvert.checkpoint.io import export_gguf
 
     path = export_gguf(model_dir, tmp_path / "tiny-chat.gguf", "f32")
     with start(path, "--max-batch", "2", "--served-model-name", "tiny-chat") as u:

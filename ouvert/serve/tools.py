@@ -17,6 +17,10 @@ gets them rendered by us:
   - a `tool` message keeps its role and content (Llama 3's template writes any role as a header).
 With `tool_choice` "required" or a named function the call is forced by a grammar
 (serve/grammar.py), so even a random-weight model returns a call whose arguments fit the schema.
+
+Out of the text: `assistant_message` reads a whole reply; a stream goes through `ReplyStream`,
+which decides whether the text is content or calls, and `CallStream`, which sends a call's
+arguments as they are written.
 """
 
 from __future__ import annotations
@@ -250,3 +254,60 @@ class CallStream:
             if j.depth == 0 and c == "}" and not j.in_string:
                 return i + 1, True
         return len(self.text), False
+
+
+def assistant_message(text: str, finish: str, fmt: str, names: set[str] | None) -> tuple[dict, str]:
+    """A whole reply as OpenAI's assistant message, and its finish reason: the calls it holds when
+    tools are on (`names`, the tools' names; None when off) and it holds well-formed calls to them
+    (finish "tool_calls"), else the text as content."""
+    parsed = parse_calls(text, fmt, names) if names is not None else None
+    if parsed is None:
+        return {"role": "assistant", "content": text}, finish
+    content, calls = parsed
+    return {"role": "assistant", "content": content or None, "tool_calls": calls}, "tool_calls"
+
+
+class ReplyStream:
+    """One streamed chat choice as OpenAI's deltas, deciding as the text comes whether it is content
+    or tool calls.
+
+    Its mode is "text" when tools are off (`names` None): text passes straight through. With
+    tool_choice "auto" it starts "undecided" and holds the text until `may_be_call` can tell; it
+    then goes out as content ("text") or as calls ("call"). A forced call starts in "call". Calls
+    stream through a CallStream; text that one cannot follow is held and parsed whole at `finish`.
+    Logprobs ride along only with content, and not with text that was held.
+    """
+
+    def __init__(self, fmt: str, names: set[str] | None, forced: bool):
+        self.fmt, self.names = fmt, names
+        self.mode = "call" if forced else ("undecided" if names is not None else "text")
+        self.held = ""  # text held while it may be a tool call
+        self.calls = CallStream(fmt, names or set())  # a call's arguments stream as written
+
+    def feed(self, text: str, logprobs: Any = None) -> list[tuple[dict, Any]]:
+        """New text (and its logprobs) -> (delta, logprobs) pairs to send."""
+        if self.mode == "text":
+            return [({"content": text}, logprobs)] if text or logprobs else []
+        self.held += text
+        new = text
+        if self.mode == "undecided":
+            verdict = may_be_call(self.held, self.fmt)
+            self.mode = "text" if verdict is False else ("call" if verdict else "undecided")
+            new = self.held  # all of it goes out as the call or as content
+        if self.mode == "call":
+            return [({"tool_calls": [delta]}, None) for delta in self.calls.feed(new)]
+        if self.mode == "text" and self.held:
+            out, self.held = [({"content": self.held}, logprobs)], ""
+            return out
+        return []
+
+    def finish(self, reason: str) -> tuple[list[dict], str]:
+        """The deltas still to send when the choice ends with `reason`, and the finish reason to send."""
+        if self.calls.started:  # the calls went out as they came; a call cut short keeps "length"
+            return [], "tool_calls" if self.calls.state == "head" else reason
+        if not self.held:
+            return [], reason
+        msg, reason = assistant_message(self.held, reason, self.fmt, self.names)
+        deltas = [{"content": msg["content"]}] if msg.get("content") else []
+        deltas += [{"tool_calls": [{"index": k, **call}]} for k, call in enumerate(msg.get("tool_calls") or [])]
+        return deltas, reason
