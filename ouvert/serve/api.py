@@ -1,4 +1,5 @@
-"""The OpenAI-compatible HTTP API over one Engine: FastAPI routes and the pydantic schemas.
+"""The OpenAI-compatible HTTP API over one Engine: the app, its routes, and the helpers that turn a
+request body into the engine's Requests and its Outputs into OpenAI's responses.
 
 Routes: GET /v1/models, POST /v1/chat/completions, POST /v1/completions (streaming as server-sent
 events ending with `data: [DONE]`, or not), GET /health, GET /metrics (Prometheus text), and the
@@ -8,9 +9,10 @@ message, never a stack trace. An optional bearer key guards /v1 and /metrics (co
 constant time), request bodies over a size limit get 413, and a body that does not arrive in full
 within a time limit gets 408 and a closed connection (a client cannot hold one open by sending half).
 
-Extensions beyond OpenAI's fields, as other servers name them: `top_k`, `min_p`, `ignore_eos`.
-Log-probabilities are the model's own (log-softmax of the raw logits), before penalties,
-temperature or a grammar change them. Tool calls stream as one delta each, when complete.
+The bodies are schemas.py's; the engine judges what they ask of the model (the context length,
+token ids) and its refusals are answered here in the body's own field names. Log-probabilities are
+the model's own (log-softmax of the raw logits), before penalties, temperature or a grammar change
+them. Tool calls (tools.py) stream as one delta each, when complete.
 """
 
 from __future__ import annotations
@@ -20,27 +22,39 @@ import hmac
 import json
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import jinja2
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request as HTTPRequest
 
+from ouvert.generate.sampling import SamplingParams
 from ouvert.serve import tools as tool_fmt
-from ouvert.serve.engine import SEED_MAX, Engine, Handle, Output, QueueFull, Request
-from ouvert.serve.grammar import GrammarCompiler, GrammarError
+from ouvert.serve.engine import (
+    SEED_MAX,
+    ContextTooLong,
+    Engine,
+    Handle,
+    InvalidRequest,
+    Output,
+    QueueFull,
+    Request,
+)
+from ouvert.serve.grammar import Grammar, GrammarCompiler, GrammarError
+from ouvert.serve.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 
 STATIC = Path(__file__).resolve().parent / "static"
-MAX_STOP_CHARS = 500  # per stop string: what is held back from a stream while it may begin one
 # A prompt of more characters than this per token of context cannot fit, whatever the tokenizer:
 # refused before the tokenizer spends seconds on it.
 MAX_CHARS_PER_TOKEN = 64
+MAX_PROMPTS = 16  # prompts in one text completion request
 
 
 # ---- errors -----------------------------------------------------------------------------------
@@ -70,121 +84,36 @@ def _param(loc: tuple) -> str | None:
     return out or None
 
 
-# ---- schemas ----------------------------------------------------------------------------------
+async def _api_error(request: HTTPRequest, e: APIError) -> JSONResponse:
+    return error_response(e.status, e.message, e.type, e.param, e.code, e.headers)
 
 
-class _Schema(BaseModel):
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+async def _invalid_body(request: HTTPRequest, e: RequestValidationError) -> JSONResponse:
+    err = e.errors()[0]
+    if err.get("type") == "json_invalid":
+        return error_response(400, f"The body is not valid JSON: {err.get('msg')}", "invalid_request_error",
+                              code="invalid_json")
+    param = _param(tuple(err.get("loc", ())))
+    return error_response(400, f"{param}: {err.get('msg')}" if param else str(err.get("msg")),
+                          "invalid_request_error", param, "invalid_value")
 
 
-class TextPart(_Schema):
-    type: Literal["text"]
-    text: str
+async def _http_error(request: HTTPRequest, e: StarletteHTTPException) -> JSONResponse:
+    return error_response(e.status_code, str(e.detail), "invalid_request_error")
 
 
-class FunctionCall(_Schema):
-    name: str
-    arguments: str
+async def _crash(request: HTTPRequest, e: Exception) -> JSONResponse:
+    return error_response(500, "The server had an error while processing the request.", "server_error")
 
 
-class ToolCall(_Schema):
-    id: str
-    type: Literal["function"] = "function"
-    function: FunctionCall
-
-
-class ChatMessage(_Schema):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
-    tool_calls: list[ToolCall] | None = None
-    tool_call_id: str | None = None
-
-
-class FunctionDef(_Schema):
-    name: Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
-    description: str | None = None
-    parameters: dict[str, Any] | None = None
-    strict: bool | None = None
-
-
-class Tool(_Schema):
-    type: Literal["function"]
-    function: FunctionDef
-
-
-class ToolChoiceFunction(_Schema):
-    name: str
-
-
-class NamedToolChoice(_Schema):
-    type: Literal["function"]
-    function: ToolChoiceFunction
-
-
-class JsonSchemaFormat(_Schema):
-    name: str
-    description: str | None = None
-    schema_: dict[str, Any] = Field(default_factory=lambda: {"type": "object"}, alias="schema")
-    strict: bool | None = None
-
-
-class ResponseFormat(_Schema):
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JsonSchemaFormat | None = None
-
-
-class StreamOptions(_Schema):
-    include_usage: bool = False
-
-
-class _Sampling(_Schema):
-    model: str
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
-    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
-    n: Annotated[int, Field(ge=1, le=16)] | None = None
-    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
-    seed: Annotated[int, Field(ge=0, le=SEED_MAX)] | None = None
-    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
-    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
-    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
-    stream: bool | None = False
-    stream_options: StreamOptions | None = None
-    user: str | None = None
-    top_k: Annotated[int, Field(ge=0)] | None = None
-    min_p: Annotated[float, Field(ge=0, le=1)] | None = None
-    ignore_eos: bool | None = None
-
-    @field_validator("stop")
-    @classmethod
-    def _short_stops(cls, v):
-        for s in [v] if isinstance(v, str) else v or []:
-            if len(s) > MAX_STOP_CHARS:
-                raise ValueError(f"a stop string may hold at most {MAX_STOP_CHARS} characters, got {len(s)}")
-        return v
-
-
-class ChatCompletionRequest(_Sampling):
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
-    logprobs: bool | None = None
-    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-    response_format: ResponseFormat | None = None
-    tools: list[Tool] | None = None
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    parallel_tool_calls: bool | None = None
-
-
-class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
-    echo: bool | None = None
-    suffix: str | None = None
-    best_of: int | None = None
-
-
-# ---- the app ----------------------------------------------------------------------------------
+def refusal(e: InvalidRequest, names: dict[str, str]) -> APIError:
+    """The engine's refusal as a 400, in the body's words: `names` maps the engine's Request fields
+    to the body's ("prompt" is "messages" in a chat)."""
+    rename = lambda f: names.get(f, f)
+    if isinstance(e, ContextTooLong):
+        return APIError(400, e.explain(rename("prompt"), rename("max_tokens")), rename(e.param),
+                        "context_length_exceeded")
+    return APIError(400, str(e), rename(e.param), "invalid_value")
 
 
 class Guard:
@@ -258,17 +187,40 @@ class Guard:
                               code="request_too_large")
 
 
+# ---- the app ----------------------------------------------------------------------------------
+
+
+@dataclass
+class AppState:
+    """What the routes share: the engine, the name it is served under, its grammar compiler, and the
+    HTTP counts the Guard keeps for /metrics."""
+
+    engine: Engine
+    model_name: str
+    grammars: GrammarCompiler
+    http_counts: dict[tuple[str, int], int] = field(default_factory=dict)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def tok(self):
+        return self.engine.tokenizer
+
+    def model_card(self) -> dict:
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "ouvert",
+                "context_length": self.engine.context_length}
+
+    def check_model(self, name: str) -> None:
+        if name != self.model_name:
+            raise APIError(404, f"The model '{name}' does not exist; this server serves '{self.model_name}'.",
+                           "model", "model_not_found")
+
+
 def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_body: int = 4 << 20,
                body_timeout: float = 30.0, start_engine: bool = True) -> FastAPI:
     """The FastAPI app serving `engine` under `model_name`; starts and stops the engine's thread
     (start_engine=False: the caller runs the engine, as `ouvert serve` does on its main thread).
     body_timeout: seconds a request's body may take to arrive in full."""
-    from contextlib import asynccontextmanager
-
-    tok = engine.tokenizer
-    grammars = GrammarCompiler(tok, engine.vocab_size, engine.stop_token_ids)
-    http_counts: dict[tuple[str, int], int] = {}
-    created = int(time.time())
+    state = AppState(engine, model_name, GrammarCompiler(engine.tokenizer, engine.vocab_size, engine.stop_token_ids))
 
     @asynccontextmanager
     async def lifespan(app):
@@ -281,38 +233,12 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
                 engine.stop()
 
     app = FastAPI(title="ouvert", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(Guard, api_key=api_key, max_body=max_body, counts=http_counts, body_timeout=body_timeout)
-
-    @app.exception_handler(APIError)
-    async def _api_error(request, e: APIError):
-        return error_response(e.status, e.message, e.type, e.param, e.code, e.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request, e: RequestValidationError):
-        err = e.errors()[0]
-        if err.get("type") == "json_invalid":
-            return error_response(400, f"The body is not valid JSON: {err.get('msg')}", "invalid_request_error",
-                                  code="invalid_json")
-        param = _param(tuple(err.get("loc", ())))
-        return error_response(400, f"{param}: {err.get('msg')}" if param else str(err.get("msg")),
-                              "invalid_request_error", param, "invalid_value")
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request, e: StarletteHTTPException):
-        return error_response(e.status_code, str(e.detail), "invalid_request_error")
-
-    @app.exception_handler(Exception)
-    async def _crash(request, e: Exception):
-        return error_response(500, "The server had an error while processing the request.", "server_error")
-
-    def model_card() -> dict:
-        return {"id": model_name, "object": "model", "created": created, "owned_by": "ouvert",
-                "context_length": engine.context_length}
-
-    def check_model(name: str) -> None:
-        if name != model_name:
-            raise APIError(404, f"The model '{name}' does not exist; this server serves '{model_name}'.",
-                           "model", "model_not_found")
+    app.add_middleware(Guard, api_key=api_key, max_body=max_body, counts=state.http_counts,
+                       body_timeout=body_timeout)
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(RequestValidationError, _invalid_body)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _crash)
 
     @app.get("/", include_in_schema=False)
     async def page():
@@ -324,365 +250,333 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [state.model_card()]}
 
     @app.get("/v1/models/{name:path}")
     async def model(name: str):
-        check_model(name)
-        return model_card()
+        state.check_model(name)
+        return state.model_card()
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(render_metrics(engine, http_counts), media_type="text/plain; version=0.0.4")
-
-    # ---- requests -> engine ----
-
-    def sampling(body: _Sampling, prompt: list[int], max_tokens: int, stop: list[str], **extra) -> Request:
-        bias = None
-        if body.logit_bias:
-            try:
-                bias = {int(k): v for k, v in body.logit_bias.items()}
-            except ValueError:
-                raise APIError(400, "logit_bias keys must be token ids", "logit_bias", "invalid_value") from None
-            if any(not 0 <= k < engine.vocab_size for k in bias):
-                raise APIError(400, f"logit_bias: token ids must be in [0, {engine.vocab_size})", "logit_bias",
-                               "invalid_value")
-        return Request(
-            prompt=prompt, max_tokens=max_tokens, stop=stop,
-            temperature=1.0 if body.temperature is None else body.temperature,
-            top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0, min_p=body.min_p or 0.0,
-            seed=body.seed, presence_penalty=body.presence_penalty or 0.0,
-            frequency_penalty=body.frequency_penalty or 0.0, logit_bias=bias, ignore_eos=bool(body.ignore_eos),
-            **extra,
-        )
-
-    def budget(prompt: list[int], asked: int | None, param: str, prompt_param: str) -> int:
-        ctx = engine.context_length
-        if len(prompt) >= ctx:
-            raise APIError(400, f"This model's maximum context length is {ctx} tokens; the {prompt_param} take "
-                                f"{len(prompt)} tokens.", prompt_param, "context_length_exceeded")
-        if asked is None:
-            return ctx - len(prompt)
-        if len(prompt) + asked > ctx:
-            raise APIError(400, f"This model's maximum context length is {ctx} tokens; you asked for "
-                                f"{len(prompt) + asked} ({len(prompt)} in the {prompt_param}, {asked} in the "
-                                f"completion). Lower {param} or shorten the {prompt_param}.",
-                           param, "context_length_exceeded")
-        return asked
-
-    def submit_all(requests: list[Request]) -> tuple[list[Handle], asyncio.Queue]:
-        """Queue all the request's completions at once, or none of them."""
-        if len(requests) > engine.max_queue:  # it would never fit: no use retrying
-            raise APIError(400, f"This request asks for {len(requests)} completions (prompts x n); this server "
-                                f"queues at most {engine.max_queue}.", "n", "invalid_value")
-        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-        callbacks = [lambda out, i=i: loop.call_soon_threadsafe(queue.put_nowait, (i, out))
-                     for i in range(len(requests))]
-        try:
-            handles = engine.submit_many(requests, callbacks)
-        except QueueFull as e:
-            raise APIError(429, f"The server is busy ({e}); retry shortly.", None, "queue_full",
-                           type="rate_limit_error", headers={"Retry-After": "1"}) from None
-        except ValueError as e:
-            raise APIError(400, str(e), None, "invalid_value") from None
-        return handles, queue
-
-    async def collect(handles: list[Handle], queue: asyncio.Queue, request: HTTPRequest) -> list[list[Output]]:
-        """Wait for every request to finish; cancel them all if the client goes away."""
-        outs: list[list[Output]] = [[] for _ in handles]
-        left = len(handles)
-        try:
-            while left:
-                try:
-                    i, out = await asyncio.wait_for(queue.get(), timeout=0.5)
-                    outs[i].append(out)
-                    left -= out.finish_reason is not None
-                except TimeoutError:
-                    pass
-                # at every output too: a busy server may never leave half a second without one
-                if left and await request.is_disconnected():
-                    raise APIError(499, "The client closed the request.") from None
-        finally:
-            if left:
-                for h in handles:
-                    h.cancel()
-        for o in outs:
-            if o[-1].finish_reason == "error":
-                raise APIError(500, "The server had an error while generating.", type="server_error")
-        return outs
-
-    def seeds(body: _Sampling, n: int) -> list[int | None]:
-        return [None if body.seed is None else (body.seed + i) % (SEED_MAX + 1) for i in range(n)]
-
-    def check_chars(n: int, param: str) -> None:
-        """Refuse a prompt that cannot fit in the context before tokenizing it (seconds for megabytes)."""
-        ctx = engine.context_length
-        if n > ctx * MAX_CHARS_PER_TOKEN:
-            raise APIError(400, f"This model's maximum context length is {ctx} tokens; {n} characters in the "
-                                f"{param} are more than {ctx} tokens can hold.", param, "context_length_exceeded")
-
-    def usage(outs: list[list[Output]]) -> dict:
-        last = [o[-1] for o in outs]
-        prompt, completion = last[0].prompt_tokens, sum(o.completion_tokens for o in last)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-                "prompt_tokens_details": {"cached_tokens": last[0].cached_tokens}}
-
-    def sse(obj: Any) -> str:
-        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-    def stream_response(gen) -> StreamingResponse:
-        return StreamingResponse(gen, media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-    # ---- chat ----
-
-    async def chat_grammar(body: ChatCompletionRequest, fmt: str):
-        """The grammar that constrains this request, or None."""
-        choice = body.tool_choice
-        if body.tools and choice not in (None, "auto", "none"):
-            if choice == "required":
-                chosen, param = [t.model_dump() for t in body.tools], "tools"
-            else:
-                chosen = [t.model_dump() for t in body.tools if t.function.name == choice.function.name]
-                param = "tool_choice"
-                if not chosen:
-                    raise APIError(400, f"tool_choice names '{choice.function.name}', which is not in tools",
-                                   param, "invalid_value")
-            lark = tool_fmt.forced_call_lark(chosen, fmt)
-            return await compile_grammar(lambda: grammars.lark(lark), param)
-        if body.tool_choice not in (None, "none") and not body.tools:
-            raise APIError(400, "tool_choice needs tools", "tool_choice", "invalid_value")
-        rf = body.response_format
-        if rf is None or rf.type == "text":
-            return None
-        if rf.type == "json_object":
-            return await compile_grammar(lambda: grammars.json_schema({"type": "object"}), "response_format")
-        if rf.json_schema is None:
-            raise APIError(400, "response_format.json_schema is required for type json_schema",
-                           "response_format.json_schema", "invalid_value")
-        schema = rf.json_schema.schema_
-        return await compile_grammar(lambda: grammars.json_schema(schema), "response_format.json_schema.schema")
-
-    async def compile_grammar(build, param: str):
-        try:
-            return await asyncio.to_thread(build)
-        except (GrammarError, ValueError) as e:
-            raise APIError(400, f"cannot compile this schema for constrained decoding: {e}", param,
-                           "invalid_value") from None
-
-    def chat_chars(body: ChatCompletionRequest) -> int:
-        n = 0
-        for m in body.messages:
-            n += len(m.content) if isinstance(m.content, str) else sum(len(p.text) for p in m.content or [])
-            n += sum(len(c.function.name) + len(c.function.arguments) for c in m.tool_calls or [])
-        return n
-
-    def chat_prompt(body: ChatCompletionRequest) -> list[int]:
-        messages = []
-        for m in body.messages:
-            d = m.model_dump(exclude_none=True)
-            if isinstance(m.content, list):
-                d["content"] = "".join(p.text for p in m.content)
-            messages.append(d)
-        tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
-        messages, native_tools = tool_fmt.prepare(messages, tools, tok.chat_template)
-        try:
-            text = tok.apply_chat_template(messages, add_generation_prompt=True, tools=native_tools)
-        except (jinja2.TemplateError, TypeError, ValueError) as e:
-            raise APIError(400, f"the chat template cannot render these messages: {e}", "messages",
-                           "invalid_value") from None
-        return tok.encode_batch([text], add_special_tokens=False)[0]  # as tokenize=True, but frees the GIL
+        return PlainTextResponse(render_metrics(engine, state.http_counts), media_type="text/plain; version=0.0.4")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: HTTPRequest):
-        check_model(body.model)
-        fmt = tool_fmt.output_format(tok.chat_template)
-        check_chars(chat_chars(body), "messages")
-        prompt = await asyncio.to_thread(chat_prompt, body)  # off the event loop: other requests go on
-        param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-        max_tokens = budget(prompt, body.max_completion_tokens or body.max_tokens, param, "messages")
-        grammar = await chat_grammar(body, fmt)
-        n = body.n or 1
-        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        top = (body.top_logprobs or 0) if body.logprobs else None
-        reqs = []
-        for seed in seeds(body, n):
-            r = sampling(body, prompt, max_tokens, stop, logprobs=top, grammar=grammar)
-            r.seed = seed
-            reqs.append(r)
-        tools_on = bool(body.tools) and body.tool_choice != "none"
-        names = {t.function.name for t in body.tools or []}
-        forced = tools_on and body.tool_choice not in (None, "auto")
-        rid, created_at = "chatcmpl-" + secrets.token_hex(12), int(time.time())
-        handles, queue = submit_all(reqs)
-
-        def message(text: str, finish: str) -> tuple[dict, str]:
-            parsed = tool_fmt.parse_calls(text, fmt, names) if tools_on else None
-            if parsed is None:
-                return {"role": "assistant", "content": text}, finish
-            content, calls = parsed
-            return {"role": "assistant", "content": content or None, "tool_calls": calls}, "tool_calls"
-
-        if not body.stream:
-            outs = await collect(handles, queue, request)
-            choices = []
-            for i, o in enumerate(outs):
-                msg, finish = message("".join(x.text for x in o), o[-1].finish_reason)
-                lps = [e for x in o for e in (x.logprobs or [])]
-                logprobs = {"content": [chat_logprob(e, tok.token_bytes) for e in lps]} if body.logprobs else None
-                choices.append({"index": i, "message": msg, "finish_reason": finish, "logprobs": logprobs})
-            return {"id": rid, "object": "chat.completion", "created": created_at, "model": model_name,
-                    "system_fingerprint": "ouvert", "choices": choices, "usage": usage(outs)}
-
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-        async def events():
-            def chunk(i, delta, finish=None, logprobs=None):
-                return sse({"id": rid, "object": "chat.completion.chunk", "created": created_at, "model": model_name,
-                            "system_fingerprint": "ouvert",
-                            "choices": [{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]})
-
-            finals: list[Output | None] = [None] * n
-            held = [""] * n  # text held while it may be a tool call
-            mode = ["call" if forced else ("undecided" if tools_on else "text") for _ in range(n)]
-            calls = [tool_fmt.CallStream(fmt, names) for _ in range(n)]  # a call's arguments stream as written
-            try:
-                for i in range(n):
-                    yield chunk(i, {"role": "assistant", "content": ""})
-                while any(f is None for f in finals):
-                    i, out = await queue.get()
-                    lps = None
-                    if out.logprobs:
-                        lps = {"content": [chat_logprob(e, tok.token_bytes) for e in out.logprobs]}
-                    if mode[i] != "text":
-                        held[i] += out.text
-                        new = out.text
-                        if mode[i] == "undecided":
-                            verdict = tool_fmt.may_be_call(held[i], fmt)
-                            mode[i] = "text" if verdict is False else ("call" if verdict else "undecided")
-                            new = held[i]  # all of it goes out as the call or as content
-                        if mode[i] == "call":
-                            for delta in calls[i].feed(new):
-                                yield chunk(i, {"tool_calls": [delta]})
-                        elif mode[i] == "text" and held[i]:
-                            yield chunk(i, {"content": held[i]}, logprobs=lps)
-                            held[i] = ""
-                    elif out.text or lps:
-                        yield chunk(i, {"content": out.text}, logprobs=lps)
-                    if out.finish_reason is None:
-                        continue
-                    finals[i] = out
-                    if out.finish_reason == "error":
-                        yield sse(error_body("The server had an error while generating.", "server_error"))
-                        return
-                    finish = out.finish_reason
-                    if calls[i].started:  # the calls went out as they came; a call cut short keeps "length"
-                        finish = "tool_calls" if calls[i].state == "head" else finish
-                    elif held[i]:
-                        msg, finish = message(held[i], finish)
-                        if msg.get("content"):
-                            yield chunk(i, {"content": msg["content"]})
-                        for k, call in enumerate(msg.get("tool_calls") or []):
-                            yield chunk(i, {"tool_calls": [{"index": k, **call}]})
-                    yield chunk(i, {}, finish)
-                if include_usage:
-                    yield sse({"id": rid, "object": "chat.completion.chunk", "created": created_at,
-                               "model": model_name, "choices": [], "usage": usage([[f] for f in finals])})
-                yield "data: [DONE]\n\n"
-            finally:
-                for h in handles:
-                    h.cancel()  # a no-op for finished requests; frees the slot of a client that left
-
-        return stream_response(events())
-
-    # ---- completions ----
+        return await chat_completion(state, body, request)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: HTTPRequest):
-        check_model(body.model)
-        if body.suffix:
-            raise APIError(400, "suffix is not supported", "suffix", "unsupported_value")
-        if body.best_of not in (None, 1, body.n):
-            raise APIError(400, "best_of is not supported", "best_of", "unsupported_value")
-        p = body.prompt
-        if isinstance(p, str) or (p and all(isinstance(x, str) for x in p)):
-            texts = [p] if isinstance(p, str) else p
-            check_chars(max(len(x) for x in texts), "prompt")
-            prompts = await asyncio.to_thread(tok.encode_batch, texts)  # off the event loop (and the GIL)
-        elif p and all(isinstance(x, int) for x in p):
-            prompts = [list(p)]
-        else:
-            prompts = [list(x) for x in p]
-        if not prompts or any(not x for x in prompts):
-            raise APIError(400, "prompt is empty", "prompt", "invalid_value")
-        if any(not 0 <= t < engine.vocab_size for x in prompts for t in x):
-            raise APIError(400, f"prompt token ids must be in [0, {engine.vocab_size})", "prompt", "invalid_value")
-        if len(prompts) > 16:
-            raise APIError(400, "at most 16 prompts per request", "prompt", "invalid_value")
-        asked = 16 if body.max_tokens is None else body.max_tokens  # OpenAI's default for completions
-        budgets = [budget(x, asked, "max_tokens", "prompt") for x in prompts]
-        n = body.n or 1
-        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        reqs, echo = [], []
-        for x, m in zip(prompts, budgets):
-            for seed in seeds(body, n):
-                r = sampling(body, x, m, stop, logprobs=body.logprobs)
-                r.seed = seed
-                reqs.append(r)
-                echo.append(tok.decode(x) if body.echo else "")
-        rid, created_at = "cmpl-" + secrets.token_hex(12), int(time.time())
-        handles, queue = submit_all(reqs)
-
-        if not body.stream:
-            outs = await collect(handles, queue, request)
-            choices = []
-            for i, o in enumerate(outs):
-                lps = [e for x in o for e in (x.logprobs or [])]
-                choices.append({"index": i, "text": echo[i] + "".join(x.text for x in o),
-                                "logprobs": completion_logprobs(lps, len(echo[i])) if body.logprobs is not None
-                                else None, "finish_reason": o[-1].finish_reason})
-            u = usage(outs)
-            u["prompt_tokens"] = sum(len(x) for x in prompts)
-            u["total_tokens"] = u["prompt_tokens"] + u["completion_tokens"]
-            return {"id": rid, "object": "text_completion", "created": created_at, "model": model_name,
-                    "system_fingerprint": "ouvert", "choices": choices, "usage": u}
-
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-        async def events():
-            finals: list[Output | None] = [None] * len(reqs)
-            offsets = [len(e) for e in echo]
-            try:
-                for i, e in enumerate(echo):
-                    if e:
-                        yield sse(completion_chunk(rid, created_at, model_name, i, e, None, None))
-                while any(f is None for f in finals):
-                    i, out = await queue.get()
-                    if out.finish_reason == "error":
-                        yield sse(error_body("The server had an error while generating.", "server_error"))
-                        return
-                    lps = None
-                    if body.logprobs is not None and out.logprobs:
-                        lps = completion_logprobs(out.logprobs, offsets[i])
-                    offsets[i] += len(out.text)
-                    if out.text or lps or out.finish_reason:
-                        yield sse(completion_chunk(rid, created_at, model_name, i, out.text, lps, out.finish_reason))
-                    if out.finish_reason is not None:
-                        finals[i] = out
-                if include_usage:
-                    u = usage([[f] for f in finals])
-                    u["prompt_tokens"] = sum(len(x) for x in prompts)
-                    u["total_tokens"] = u["prompt_tokens"] + u["completion_tokens"]
-                    yield sse({"id": rid, "object": "text_completion", "created": created_at, "model": model_name,
-                               "choices": [], "usage": u})
-                yield "data: [DONE]\n\n"
-            finally:
-                for h in handles:
-                    h.cancel()
-
-        return stream_response(events())
+        return await text_completion(state, body, request)
 
     return app
+
+
+# ---- requests -> engine -----------------------------------------------------------------------
+
+
+def check_chars(context_length: int, n: int, param: str) -> None:
+    """Refuse a prompt that cannot fit in the context before tokenizing it (seconds for megabytes)."""
+    if n > context_length * MAX_CHARS_PER_TOKEN:
+        raise APIError(400, f"This model's maximum context length is {context_length} tokens; {n} characters "
+                            f"in the {param} are more than {context_length} tokens can hold.", param,
+                       "context_length_exceeded")
+
+
+def engine_requests(body: SamplingFields, prompt: list[int], max_tokens: int, n: int, **extra) -> list[Request]:
+    """The body's n completions of one prompt as the engine's Requests (extra: Request fields of one
+    route). With a seed they take seed, seed + 1, ...: the n differ, and each repeats."""
+    bias = None
+    if body.logit_bias:
+        try:
+            bias = {int(k): v for k, v in body.logit_bias.items()}
+        except ValueError:
+            raise APIError(400, "logit_bias keys must be token ids", "logit_bias", "invalid_value") from None
+    seeds = [None if body.seed is None else (body.seed + i) % (SEED_MAX + 1) for i in range(n)]
+    return [Request(prompt, max_tokens, SamplingParams(
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0, min_p=body.min_p or 0.0,
+        presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
+        seed=seed, stop=body.stops,
+    ), logit_bias=bias, ignore_eos=bool(body.ignore_eos), **extra) for seed in seeds]
+
+
+def submit(engine: Engine, requests: list[Request], names: dict[str, str] | None = None,
+           ) -> tuple[list[Handle], asyncio.Queue]:
+    """Queue all the body's completions at once, or none of them. Outputs arrive on the queue as
+    (index in requests, Output); the engine's refusals answer in the body's field names (`refusal`)."""
+    loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+    callbacks = [lambda out, i=i: loop.call_soon_threadsafe(queue.put_nowait, (i, out))
+                 for i in range(len(requests))]
+    try:
+        handles = engine.submit_many(requests, callbacks)
+    except QueueFull as e:
+        raise APIError(429, f"The server is busy ({e}); retry shortly.", None, "queue_full",
+                       type="rate_limit_error", headers={"Retry-After": "1"}) from None
+    except InvalidRequest as e:
+        raise refusal(e, names or {}) from None
+    return handles, queue
+
+
+async def collect(handles: list[Handle], queue: asyncio.Queue, request: HTTPRequest) -> list[list[Output]]:
+    """Wait for every request to finish; cancel them all if the client goes away."""
+    outs: list[list[Output]] = [[] for _ in handles]
+    left = len(handles)
+    try:
+        while left:
+            try:
+                i, out = await asyncio.wait_for(queue.get(), timeout=0.5)
+                outs[i].append(out)
+                left -= out.finish_reason is not None
+            except TimeoutError:
+                pass
+            # at every output too: a busy server may never leave half a second without one
+            if left and await request.is_disconnected():
+                raise APIError(499, "The client closed the request.") from None
+    finally:
+        if left:
+            for h in handles:
+                h.cancel()
+    for o in outs:
+        if o[-1].finish_reason == "error":
+            raise APIError(500, "The server had an error while generating.", type="server_error")
+    return outs
+
+
+def usage(finals: list[Output], prompt_tokens: int | None = None) -> dict:
+    """Usage from each completion's last Output; prompt_tokens: the prompts' total where there are several."""
+    prompt = finals[0].prompt_tokens if prompt_tokens is None else prompt_tokens
+    completion = sum(o.completion_tokens for o in finals)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": finals[0].cached_tokens}}
+
+
+def sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def stream_response(events: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def generation_error() -> str:
+    return sse(error_body("The server had an error while generating.", "server_error"))
+
+
+# ---- chat -------------------------------------------------------------------------------------
+
+
+def chat_prompt(tok, body: ChatCompletionRequest) -> list[int]:
+    """The messages (and tools) through the chat template, as token ids."""
+    messages = []
+    for m in body.messages:
+        d = m.model_dump(exclude_none=True)
+        if isinstance(m.content, list):
+            d["content"] = "".join(p.text for p in m.content)
+        messages.append(d)
+    tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
+    messages, native_tools = tool_fmt.prepare(messages, tools, tok.chat_template)
+    try:
+        text = tok.apply_chat_template(messages, add_generation_prompt=True, tools=native_tools)
+    except (jinja2.TemplateError, TypeError, ValueError) as e:
+        raise APIError(400, f"the chat template cannot render these messages: {e}", "messages",
+                       "invalid_value") from None
+    return tok.encode_batch([text], add_special_tokens=False)[0]  # as tokenize=True, but frees the GIL
+
+
+async def chat_grammar(grammars: GrammarCompiler, body: ChatCompletionRequest, fmt: str) -> Grammar | None:
+    """The grammar that constrains this request (a forced tool call or a response_format), or None."""
+    choice = body.tool_choice
+    if body.tools and choice not in (None, "auto", "none"):
+        if choice == "required":
+            chosen, param = [t.model_dump() for t in body.tools], "tools"
+        else:
+            chosen = [t.model_dump() for t in body.tools if t.function.name == choice.function.name]
+            param = "tool_choice"
+            if not chosen:
+                raise APIError(400, f"tool_choice names '{choice.function.name}', which is not in tools",
+                               param, "invalid_value")
+        lark = tool_fmt.forced_call_lark(chosen, fmt)
+        return await compile_grammar(lambda: grammars.lark(lark), param)
+    if body.tool_choice not in (None, "none") and not body.tools:
+        raise APIError(400, "tool_choice needs tools", "tool_choice", "invalid_value")
+    rf = body.response_format
+    if rf is None or rf.type == "text":
+        return None
+    if rf.type == "json_object":
+        return await compile_grammar(lambda: grammars.json_schema({"type": "object"}), "response_format")
+    if rf.json_schema is None:
+        raise APIError(400, "response_format.json_schema is required for type json_schema",
+                       "response_format.json_schema", "invalid_value")
+    schema = rf.json_schema.schema_
+    return await compile_grammar(lambda: grammars.json_schema(schema), "response_format.json_schema.schema")
+
+
+async def compile_grammar(build: Callable[[], Grammar], param: str) -> Grammar:
+    try:
+        return await asyncio.to_thread(build)
+    except (GrammarError, ValueError) as e:
+        raise APIError(400, f"cannot compile this schema for constrained decoding: {e}", param,
+                       "invalid_value") from None
+
+
+async def chat_completion(state: AppState, body: ChatCompletionRequest, request: HTTPRequest):
+    """POST /v1/chat/completions: the chat response, or its stream."""
+    state.check_model(body.model)
+    engine, tok = state.engine, state.tok
+    fmt = tool_fmt.output_format(tok.chat_template)
+    check_chars(engine.context_length, body.chars, "messages")
+    prompt = await asyncio.to_thread(chat_prompt, tok, body)  # off the event loop: other requests go on
+    asked = body.max_completion_tokens or body.max_tokens
+    # unasked, the budget is what the context leaves (at least 1: a prompt that fills it is refused)
+    max_tokens = max(engine.context_length - len(prompt), 1) if asked is None else asked
+    grammar = await chat_grammar(state.grammars, body, fmt)
+    n = body.n or 1
+    top = (body.top_logprobs or 0) if body.logprobs else None
+    reqs = engine_requests(body, prompt, max_tokens, n, logprobs=top, grammar=grammar)
+    tools_on = bool(body.tools) and body.tool_choice != "none"
+    names = {t.function.name for t in body.tools or []} if tools_on else None
+    forced = tools_on and body.tool_choice not in (None, "auto")
+    rid, created = "chatcmpl-" + secrets.token_hex(12), int(time.time())
+    param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    handles, queue = submit(engine, reqs, {"prompt": "messages", "max_tokens": param})
+
+    if body.stream:
+        streams = [tool_fmt.ReplyStream(fmt, names, forced) for _ in range(n)]
+        return stream_response(chat_events(state, rid, created, streams, handles, queue, body.include_usage))
+    outs = await collect(handles, queue, request)
+    choices = []
+    for i, o in enumerate(outs):
+        msg, finish = tool_fmt.assistant_message("".join(x.text for x in o), o[-1].finish_reason, fmt, names)
+        lps = [e for x in o for e in (x.logprobs or [])]
+        logprobs = {"content": [chat_logprob(e, tok.token_bytes) for e in lps]} if body.logprobs else None
+        choices.append({"index": i, "message": msg, "finish_reason": finish, "logprobs": logprobs})
+    return {"id": rid, "object": "chat.completion", "created": created, "model": state.model_name,
+            "system_fingerprint": "ouvert", "choices": choices, "usage": usage([o[-1] for o in outs])}
+
+
+async def chat_events(state: AppState, rid: str, created: int, streams: list[tool_fmt.ReplyStream],
+                      handles: list[Handle], queue: asyncio.Queue, include_usage: bool) -> AsyncIterator[str]:
+    """The chat stream: one chunk per delta of each choice (`streams`, one per choice), as outputs come."""
+
+    def chunk(i, delta, finish=None, logprobs=None):
+        return sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": state.model_name,
+                    "system_fingerprint": "ouvert",
+                    "choices": [{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]})
+
+    finals: list[Output | None] = [None] * len(streams)
+    try:
+        for i in range(len(streams)):
+            yield chunk(i, {"role": "assistant", "content": ""})
+        while any(f is None for f in finals):
+            i, out = await queue.get()
+            lps = None
+            if out.logprobs:
+                lps = {"content": [chat_logprob(e, state.tok.token_bytes) for e in out.logprobs]}
+            for delta, logprobs in streams[i].feed(out.text, lps):
+                yield chunk(i, delta, logprobs=logprobs)
+            if out.finish_reason is None:
+                continue
+            finals[i] = out
+            if out.finish_reason == "error":
+                yield generation_error()
+                return
+            deltas, finish = streams[i].finish(out.finish_reason)
+            for delta in deltas:
+                yield chunk(i, delta)
+            yield chunk(i, {}, finish)
+        if include_usage:
+            yield sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": state.model_name,
+                       "choices": [], "usage": usage(finals)})
+        yield "data: [DONE]\n\n"
+    finally:
+        for h in handles:
+            h.cancel()  # a no-op for finished requests; frees the slot of a client that left
+
+
+# ---- completions ------------------------------------------------------------------------------
+
+
+async def completion_prompts(tok, body: CompletionRequest, context_length: int) -> list[list[int]]:
+    """The body's prompt (a text, texts, token ids, or lists of them) as token ids, one list a prompt."""
+    p = body.prompt
+    if isinstance(p, str) or (p and all(isinstance(x, str) for x in p)):
+        texts = [p] if isinstance(p, str) else p
+        check_chars(context_length, max(len(x) for x in texts), "prompt")
+        prompts = await asyncio.to_thread(tok.encode_batch, texts)  # off the event loop (and the GIL)
+    elif p and all(isinstance(x, int) for x in p):
+        prompts = [list(p)]
+    else:
+        prompts = [list(x) for x in p]
+    if not prompts:
+        raise APIError(400, "prompt is empty", "prompt", "invalid_value")
+    if len(prompts) > MAX_PROMPTS:
+        raise APIError(400, f"at most {MAX_PROMPTS} prompts per request", "prompt", "invalid_value")
+    return prompts
+
+
+async def text_completion(state: AppState, body: CompletionRequest, request: HTTPRequest):
+    """POST /v1/completions: the completion response, or its stream."""
+    state.check_model(body.model)
+    engine, tok = state.engine, state.tok
+    if body.suffix:
+        raise APIError(400, "suffix is not supported", "suffix", "unsupported_value")
+    if body.best_of not in (None, 1, body.n):
+        raise APIError(400, "best_of is not supported", "best_of", "unsupported_value")
+    prompts = await completion_prompts(tok, body, engine.context_length)
+    max_tokens = 16 if body.max_tokens is None else body.max_tokens  # OpenAI's default for completions
+    n = body.n or 1
+    reqs = [r for x in prompts for r in engine_requests(body, x, max_tokens, n, logprobs=body.logprobs)]
+    rid, created = "cmpl-" + secrets.token_hex(12), int(time.time())
+    handles, queue = submit(engine, reqs)
+    # decoded once the engine has checked the ids; choice i is completion i % n of prompt i // n
+    echo = [e for x in prompts for e in [tok.decode(x) if body.echo else ""] * n]
+    prompt_tokens = sum(len(x) for x in prompts)
+
+    if body.stream:
+        return stream_response(completion_events(state, rid, created, echo, prompt_tokens, body, handles, queue))
+    outs = await collect(handles, queue, request)
+    choices = []
+    for i, o in enumerate(outs):
+        lps = [e for x in o for e in (x.logprobs or [])]
+        choices.append({"index": i, "text": echo[i] + "".join(x.text for x in o),
+                        "logprobs": completion_logprobs(lps, len(echo[i])) if body.logprobs is not None else None,
+                        "finish_reason": o[-1].finish_reason})
+    return {"id": rid, "object": "text_completion", "created": created, "model": state.model_name,
+            "system_fingerprint": "ouvert", "choices": choices, "usage": usage([o[-1] for o in outs], prompt_tokens)}
+
+
+async def completion_events(state: AppState, rid: str, created: int, echo: list[str], prompt_tokens: int,
+                            body: CompletionRequest, handles: list[Handle], queue: asyncio.Queue,
+                            ) -> AsyncIterator[str]:
+    """The completion stream: the echoed prompts first, then each choice's text as it comes."""
+    finals: list[Output | None] = [None] * len(handles)
+    offsets = [len(e) for e in echo]
+    try:
+        for i, e in enumerate(echo):
+            if e:
+                yield sse(completion_chunk(rid, created, state.model_name, i, e, None, None))
+        while any(f is None for f in finals):
+            i, out = await queue.get()
+            if out.finish_reason == "error":
+                yield generation_error()
+                return
+            lps = None
+            if body.logprobs is not None and out.logprobs:
+                lps = completion_logprobs(out.logprobs, offsets[i])
+            offsets[i] += len(out.text)
+            if out.text or lps or out.finish_reason:
+                yield sse(completion_chunk(rid, created, state.model_name, i, out.text, lps, out.finish_reason))
+            if out.finish_reason is not None:
+                finals[i] = out
+        if body.include_usage:
+            yield sse({"id": rid, "object": "text_completion", "created": created, "model": state.model_name,
+                       "choices": [], "usage": usage(finals, prompt_tokens)})
+        yield "data: [DONE]\n\n"
+    finally:
+        for h in handles:
+            h.cancel()
 
 
 # ---- response pieces --------------------------------------------------------------------------
