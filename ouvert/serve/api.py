@@ -61,6 +61,8 @@ MAX_PROMPTS = 16  # prompts in one text completion request
 
 
 class APIError(Exception):
+    """A request answered with an error in OpenAI's shape: HTTP status, message, the field at fault."""
+
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
                  type: str = "invalid_request_error", headers: dict[str, str] | None = None):
         super().__init__(message)
