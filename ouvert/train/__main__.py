@@ -5,7 +5,8 @@
 
 import sys
 
-from ouvert.train.loop import TrainConfig, train
+from ouvert.train.config import TrainConfig
+from ouvert.train.loop import train
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,7 +28,12 @@ import random
 import sys
 from pathlib import Path
 
-from ouvert.train.loop import TrainConfig, train
+from ouvert.checkpoint.io import load_model, load_tokenizer
+from ouvert.tokenizer import train_tokenizer
+from ouvert.train.config import TrainConfig
+from ouvert.train.grpo import accuracy
+from ouvert.train.loop import train
+from ouvert.train.objectives import read_jsonl
 
 MODEL = {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 3, "num_attention_heads": 4,
          "num_key_value_heads": 2, "max_position_embeddings": 128, "tie_word_embeddings": True}
@@ -79,11 +84,6 @@ def run(out: Path, sft_steps: int = 1350, grpo_steps: int = 100, seed: int = 0, 
         grpo_lr: float = 3e-4, sft_ckpt: Path | None = None) -> dict:
     """SFT (unless sft_ckpt, a checkpoint of an earlier run's SFT, is given), then GRPO; held-out
     greedy accuracy before and after."""
-    from ouvert.checkpoint.hf import load_model
-    from ouvert.tokenizer import load_tokenizer, train_tokenizer
-    from ouvert.train.grpo import accuracy
-    from ouvert.train.objectives import read_jsonl
-
     files = write_data(out / "data", seed)
     tok_dir = out / "tokenizer"
     train_tokenizer([files["text"]], 263, tok_dir, min_frequency=10 ** 9)  # bytes only: one digit, one token

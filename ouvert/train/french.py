@@ -34,8 +34,13 @@ from pathlib import Path
 
 import torch
 
+from ouvert.checkpoint.io import load_model, load_tokenizer, save_model
+from ouvert.cli import main as cli
+from ouvert.generate import SamplingParams, generate
+from ouvert.train.config import TrainConfig
 from ouvert.train.grpo import looks_french
-from ouvert.train.loop import TrainConfig, train
+from ouvert.train.loop import train
+from ouvert.train.lora import load_adapter, merge
 
 SMOLLM2 = Path(".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf")
 
@@ -248,15 +253,13 @@ def _spread(rows: list, n: int) -> list:
 def measure(model, tok, held: list[dict], max_new_tokens: int = 48, batch: int = 16) -> dict:
     """Greedy replies to the held-out questions: share in French and share naming the known answer,
     each with its binomial standard error."""
-    from ouvert.generate import generate
-
     model.eval()
     replies = []
     for i in range(0, len(held), batch):
         chunk = held[i : i + batch]
         prompts = [tok.apply_chat_template([{"role": "user", "content": e["prompt"]}], add_generation_prompt=True,
                                            tokenize=True) for e in chunk]
-        outs = generate(model, prompts, max_new_tokens, stop_token_ids=tok.stop_token_ids)
+        outs = generate(model, prompts, max_new_tokens, SamplingParams(stop_token_ids=tok.stop_token_ids))
         replies += [tok.decode(o, skip_special_tokens=True).strip() for o in outs]
     french = [looks_french(r) for r in replies]
     known = [names_answer(r, e) for r, e in zip(replies, held) if e.get("answer")]
@@ -276,10 +279,6 @@ def run(out: Path, model: Path = SMOLLM2, sft_steps: int = 10, grpo_steps: int =
         lora_rank: int = 16, sft_batch: int = 8, grpo_batch: int = 4, grpo_group: int = 4,
         max_new_tokens: int = 32) -> dict:
     """Measure the base model, LoRA SFT, merge, GRPO, measure after each; export the result to GGUF."""
-    from ouvert.checkpoint.hf import load_model, save_model
-    from ouvert.tokenizer import load_tokenizer
-    from ouvert.train.lora import load_adapter, merge
-
     files = write_data(out / "data", seed, n_train, n_held)
     tok = load_tokenizer(model)
     held = [json.loads(line) for line in files["held_out"].read_text().splitlines()]
@@ -318,8 +317,6 @@ def run(out: Path, model: Path = SMOLLM2, sft_steps: int = 10, grpo_steps: int =
 
 def export_and_ask(model_dir: Path, gguf: Path, question: str = "What is the capital of France?") -> dict:
     """`ouvert export gguf` (q8_0), then llama.cpp's greedy reply to the question, when cyllama is there."""
-    from ouvert.cli import main as cli
-
     cli(["export", "gguf", "--model", str(model_dir), "--out", str(gguf), "--type", "q8_0"])
     info: dict = {"file": str(gguf), "question": question}
     try:

@@ -8,7 +8,8 @@ exact: weights, optimizer, schedule, RNG and data position all come back, so N s
 N more give bitwise the weights of 2N steps straight (float32, CPU).
 
 The same code runs in one process and under torchrun (DDP or FSDP2, train/distributed.py); only
-rank 0 prints and writes.
+rank 0 prints and writes. What the loop runs comes from around it: the settings (config.py), the
+objective (tasks.py) and the checkpoints it writes and resumes from (state.py).
 """
 
 from __future__ import annotations
@@ -18,11 +19,8 @@ import functools
 import json
 import math
 import random
-import shutil
 import sys
 import time
-import tomllib
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,150 +28,25 @@ import numpy as np
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ouvert.checkpoint import manifest
-from ouvert.checkpoint.hf import CheckpointError, load_model, read_config, save_model
+import ouvert.train.distributed as D
+import ouvert.train.lora as lora
+from ouvert.checkpoint.hf import read_config
+from ouvert.checkpoint.io import load_model, load_tokenizer
 from ouvert.config import preset
 from ouvert.data import read_manifest
+from ouvert.generate import SamplingParams, generate
 from ouvert.model import Transformer
-from ouvert.tokenizer import load_tokenizer
-from ouvert.train import distributed as D
+from ouvert.train.config import TrainConfig
 from ouvert.train.objectives import moe_layers, update_router_bias
-
-
-@dataclass
-class TrainConfig:
-    """Everything a run needs, read from TOML (top-level keys, plus a [model] table of ModelConfig
-    overrides) and `--key value` flags. Saved as train_config.json beside each checkpoint."""
-
-    data: str = ""  # a directory made by `ouvert data prepare`
-    out_dir: str = "runs/run"
-    preset: str = "tiny-llama"  # model shape, unless init_from is set
-    model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides on the preset
-    init_from: str = ""  # start from this checkpoint directory instead of random weights
-    objective: str = "pretrain"  # pretrain | sft | dpo | grpo
-    val_data: str = ""  # sft / dpo / grpo: held-out JSONL
-    tokenizer: str = ""  # sft / dpo / grpo: default the init_from checkpoint's
-    seed: int = 0
-    # batch: each step sees batch_size * grad_accum * world_size sequences of seq_len tokens
-    seq_len: int = 256
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_steps: int = 1000
-    # a time budget in seconds instead of a step count (0: off): the first steps' speed sets max_steps
-    # (at most the value above), fixed from then on and recorded, so `reproduce` replays that many
-    max_time: float = 0.0
-    stop_at: int = 0  # end this invocation (with a checkpoint) at this step; resume later. 0: max_steps
-    # optimizer and schedule
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_steps: int = 100
-    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay) | constant
-    decay_fraction: float = 0.2  # wsd: the last fraction of steps decays linearly to min_lr
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0
-    init_std: float = 0.02
-    # precision and speed
-    dtype: str = "float32"  # float32 | bfloat16 (autocast; weights and optimizer stay float32)
-    compile: bool = False
-    activation_checkpointing: bool = False
-    threads: int = 0  # torch threads per process; 0 leaves torch's default
-    # DeepSeek specifics
-    router_bias_rate: float = 0.0  # auxiliary-loss-free balancing speed (V3 uses 0.001); 0 is off
-    seq_balance_alpha: float = 0.0  # sequence-wise balance loss weight (V3: 0.0001); 0 is off
-    mtp_weight: float = 0.0  # weight of the multi-token prediction loss (V3: 0.3 then 0.1); 0 is off
-    # LoRA: adapters on the linear layers named in lora_targets ("q_proj,v_proj" or "all-linear")
-    lora_rank: int = 0  # 0 is off: every weight trains
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_targets: str = "q_proj,v_proj"
-    # preference and RL objectives
-    beta: float = 0.1  # DPO temperature / GRPO KL weight
-    group_size: int = 8  # GRPO: completions per prompt
-    grpo_updates: int = 2  # GRPO: optimizer steps per batch of rollouts
-    clip_eps: float = 0.2  # GRPO: policy ratio clip
-    rewards: str = "exact_answer,format"  # GRPO: registered reward functions, summed
-    max_new_tokens: int = 16  # GRPO rollouts
-    rollout_temperature: float = 1.0
-    # bookkeeping
-    eval_every: int = 100
-    eval_steps: int = 10
-    sample_every: int = 0  # 0: only at the end
-    sample_prompt: str = "\n"
-    sample_tokens: int = 64
-    save_every: int = 500
-    keep_last: int = 2
-    log_every: int = 10
-    progress: bool = True
-    distributed: str = "ddp"  # ddp | fsdp, under torchrun
-    device: str = "auto"
-
-    @classmethod
-    def load(cls, path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-        data: dict[str, Any] = {}
-        if path is not None:
-            path = Path(path)
-            if not path.is_file():
-                raise ValueError(f"{path}: no such config file")
-            with open(path, "rb") as f:
-                data = tomllib.load(f)
-        names = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = set(data) - set(names)
-        if unknown:
-            raise ValueError(f"{path}: unknown key(s) {sorted(unknown)}")
-        cfg = cls(**data)
-        for key, value in _pairs(overrides or []):
-            if key.startswith("model."):
-                cfg.model[key[6:]] = _parse_value(value)
-                continue
-            if key not in names:
-                raise ValueError(f"unknown option --{key.replace('_', '-')}")
-            current = getattr(cfg, key)
-            setattr(cfg, key, _coerce(value, current, key))
-        return cfg
-
-
-def _pairs(args: list[str]) -> list[tuple[str, str]]:
-    out, i = [], 0
-    while i < len(args):
-        a = args[i]
-        if not a.startswith("--"):
-            raise ValueError(f"expected --key value, got {a!r}")
-        a = a[2:].replace("-", "_")
-        if "=" in a:
-            k, v = a.split("=", 1)
-            i += 1
-        elif i + 1 < len(args):
-            k, v = a, args[i + 1]
-            i += 2
-        else:
-            raise ValueError(f"--{a} needs a value")
-        out.append((k, v))
-    return out
-
-
-def _parse_value(v: str) -> Any:
-    try:
-        return json.loads(v)
-    except json.JSONDecodeError:
-        return v
-
-
-def _coerce(value: str, current: Any, key: str) -> Any:
-    try:
-        if isinstance(current, bool):
-            if value.lower() not in ("true", "false", "1", "0"):
-                raise ValueError
-            return value.lower() in ("true", "1")
-        if isinstance(current, int):
-            return int(value)
-        if isinstance(current, float):
-            return float(value)
-    except ValueError:
-        raise ValueError(f"--{key.replace('_', '-')}: expected a {type(current).__name__}, got {value!r}") from None
-    return value
+from ouvert.train.state import (
+    check_resumable,
+    latest_checkpoint,
+    read_history,
+    restore,
+    run_provenance,
+    save_checkpoint,
+)
+from ouvert.train.tasks import make_task
 
 
 def lr_at(step: int, c: TrainConfig) -> float:
@@ -230,12 +103,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def latest_checkpoint(out_dir: Path) -> Path | None:
-    done = sorted(p for p in out_dir.glob("step-*") if (p / "train_state" / "state.json").is_file())
-    return done[-1] if done else None
-
-
 def build_model(c: TrainConfig, vocab_size: int, bos: int | None, eos: list[int]) -> Transformer:
+    """The init_from checkpoint, or the preset with c.model's overrides, initialised from c.seed."""
     if c.init_from:
         return load_model(c.init_from, dtype=torch.float32)
     cfg = preset(c.preset)
@@ -251,25 +120,8 @@ def build_model(c: TrainConfig, vocab_size: int, bos: int | None, eos: list[int]
     return model
 
 
-def make_task(c: TrainConfig, d: D.Dist, tokenizer, model):
-    from ouvert.train.objectives import PretrainTask, SFTTask
-
-    if c.objective == "pretrain":
-        return PretrainTask(c, d)
-    if c.objective == "sft":
-        return SFTTask(c, d, tokenizer)
-    if c.objective == "dpo":
-        from ouvert.train.preference import DPOTask
-
-        return DPOTask(c, d, tokenizer, model)
-    if c.objective == "grpo":
-        from ouvert.train.grpo import GRPOTask
-
-        return GRPOTask(c, d, tokenizer, model)
-    raise ValueError(f"objective must be pretrain, sft, dpo or grpo, got {c.objective!r}")
-
-
 def _tokenizer_for(c: TrainConfig):
+    """Pretraining: the data's own tokenizer. Fine-tuning: c.tokenizer, else init_from's."""
     if c.objective == "pretrain":
         return load_tokenizer(read_manifest(c.data)["tokenizer"])
     src = c.tokenizer or c.init_from
@@ -280,8 +132,6 @@ def _tokenizer_for(c: TrainConfig):
 
 def train(c: TrainConfig, resume: bool = False) -> Path:
     """Run (or resume) a training run; returns the final checkpoint directory."""
-    from ouvert.train import lora
-
     d = D.init(c.device)
     if c.threads:
         torch.set_num_threads(c.threads)
@@ -321,7 +171,7 @@ def train(c: TrainConfig, resume: bool = False) -> Path:
     optimizer = torch.optim.AdamW(param_groups(raw, c.weight_decay), lr=c.lr, betas=(c.beta1, c.beta2), eps=c.eps)
     step, tokens_seen, wall_before = 0, 0, 0.0
     if start_ckpt is not None:
-        state = _restore(start_ckpt, model, optimizer, task, d, lora_only=bool(c.lora_rank))
+        state = restore(start_ckpt, model, optimizer, task, lora_only=bool(c.lora_rank))
         step, tokens_seen, wall_before = state["step"], state.get("tokens_seen", 0), state.get("wall_clock_s", 0.0)
         D.print0(d, f"resumed from {start_ckpt} at step {step}")
         if c.max_time and state.get("max_steps_from_time"):
@@ -337,7 +187,7 @@ def train(c: TrainConfig, resume: bool = False) -> Path:
     if d.is_main:
         out.mkdir(parents=True, exist_ok=True)
     metrics_file = out / "metrics.jsonl"
-    history = _read_history(metrics_file, step) if d.is_main else []
+    history = read_history(metrics_file, step) if d.is_main else []
     autocast = torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=c.dtype == "bfloat16")
     bar = None
     if d.is_main and c.progress:
@@ -450,165 +300,13 @@ class _nullctx:
 
 
 def sample_text(model, tokenizer, c: TrainConfig) -> str:
-    from ouvert.generate import generate
-
+    """A sampled continuation of c.sample_prompt, to read beside the loss as the model learns."""
     model.eval()
     ids = tokenizer.encode(c.sample_prompt)
-    out = generate(model, ids, c.sample_tokens, temperature=0.8, top_k=50, seed=c.seed,
-                   stop_token_ids=tokenizer.stop_token_ids)
+    params = SamplingParams(temperature=0.8, top_k=50, seed=c.seed, stop_token_ids=tokenizer.stop_token_ids)
+    out = generate(model, ids, c.sample_tokens, params)
     model.train()
     return tokenizer.decode(ids + out[0], skip_special_tokens=True)
-
-
-def run_provenance(c: TrainConfig, d: D.Dist) -> dict[str, Any]:
-    """What ouvert.json records of a training run, beside the model and weights: the whole config,
-    the data by hash, seed, world size, hardware, and the parent checkpoint of a fine-tune."""
-    rec: dict[str, Any] = {"train_config": dataclasses.asdict(c), "seed": c.seed, "world_size": d.world_size,
-                           "hardware": manifest.hardware(d.device), "data": data_provenance(c)}
-    if c.init_from:
-        rec["parent"] = manifest.parent_record(c.init_from)
-    return rec
-
-
-def data_provenance(c: TrainConfig) -> dict[str, Any]:
-    """Pretraining: the token shards as `ouvert data prepare` hashed them, and the manifest's own
-    hash. Fine-tuning: the sha256 of the JSONL files."""
-    if c.objective == "pretrain":
-        m = read_manifest(c.data)
-        shards = [{"split": split, **s} for split in ("train", "val") for s in m[split]]
-        return {"dir": str(Path(c.data).resolve()),
-                "manifest_sha256": manifest.sha256_file(Path(c.data) / "manifest.json"),
-                "tokenizer_sha256": m["tokenizer_sha256"], "train_tokens": m["train_tokens"],
-                "val_tokens": m["val_tokens"], "shards": shards, "sources": m["sources"]}
-    files = [(role, p) for role, p in (("train", c.data), ("val", c.val_data)) if p]
-    return {"files": [{"role": role, "path": str(Path(p).resolve()), "sha256": manifest.sha256_file(p)}
-                      for role, p in files]}
-
-
-def final_metrics(history: list[dict]) -> dict[str, float]:
-    """The latest value of every metric logged (val_* come from the last evaluation)."""
-    out: dict[str, float] = {}
-    for r in history:
-        out.update({k: v for k, v in r.items() if k not in ("step", "lr")})
-    return out
-
-
-def save_checkpoint(out: Path, step: int, model, optimizer, task, c: TrainConfig, d: D.Dist, tokenizer,
-                    history: list[dict], provenance: dict[str, Any]) -> Path:
-    """step-NNNNNN/: HF layout (or, with LoRA, the adapter in PEFT's layout) + train_state/
-    (optimizer, data position, RNG) + ouvert.json (provenance) + metrics.jsonl (the history so far,
-    for the model card's loss curve). Atomic; keeps the last few."""
-    from ouvert.checkpoint.hf import write_atomically
-    from ouvert.train import lora
-
-    msd, osd = D.full_state(model, optimizer)
-    path = out / f"step-{step:06d}"
-    if d.is_main:
-        raw = D.unwrap(model)
-
-        def write_state(tmp: Path) -> None:
-            ts = tmp / "train_state"
-            ts.mkdir()
-            torch.save(osd, ts / "optimizer.pt")
-            torch.save(rng_state(), ts / "rng.pt")
-            state = {"step": step, "task": task.state_dict(), "world_size": d.world_size,
-                     "max_steps": c.max_steps, "max_steps_from_time": provenance.get("max_steps_from_time", False),
-                     "tokens_seen": provenance["tokens_seen"], "wall_clock_s": provenance["wall_clock_s"],
-                     "metrics": history[-1] if history else {}}
-            (ts / "state.json").write_text(json.dumps(state, indent=2))
-            (tmp / "train_config.json").write_text(json.dumps(dataclasses.asdict(c), indent=2))
-            (tmp / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
-
-        fields = {**provenance, "metrics": final_metrics(history)}
-        if lora.lora_modules(raw):
-            def write_adapter(tmp: Path) -> None:
-                lora.save_adapter(raw, tmp, base=c.init_from, state=msd)
-                tokenizer.save(tmp)
-                write_state(tmp)
-                manifest.write(tmp, manifest.build(tmp, raw.config.to_hf(), fields))
-
-            write_atomically(path, write_adapter)
-        else:
-            save_model(raw, path, tokenizer=tokenizer, state_dict=msd, extra=write_state, provenance=fields)
-        kept = sorted(p for p in out.glob("step-*") if p.is_dir())
-        for old in kept[: -c.keep_last] if c.keep_last > 0 else []:
-            shutil.rmtree(old)
-    if d.active:
-        torch.distributed.barrier()
-    return path
-
-
-def rng_state() -> dict[str, Any]:
-    """torch's, numpy's and Python's generators as tensors and plain values only, so that resume
-    can read them with torch.load(weights_only=True), which never runs code from the file."""
-    name, key, pos, has_gauss, gauss = np.random.get_state()
-    version, internal, gauss_next = random.getstate()
-    return {"torch": torch.get_rng_state(),
-            "numpy": {"name": name, "key": torch.from_numpy(key.astype(np.int64)), "pos": pos,
-                      "has_gauss": has_gauss, "gauss": gauss},
-            "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next}}
-
-
-def set_rng_state(rng: dict[str, Any]) -> None:
-    torch.set_rng_state(rng["torch"])
-    n = rng["numpy"]
-    np.random.set_state((n["name"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    p = rng["python"]
-    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
-
-
-def load_plain(path: Path) -> Any:
-    """torch.load that only rebuilds tensors and plain containers: a file holding anything else
-    (a pickled object whose loading would run code) is refused, naming the file."""
-    import pickle
-
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing; cannot resume from this checkpoint") from None
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: not plain tensor data, refused without unpickling it ({first})") from None
-
-
-def check_resumable(ckpt: Path) -> None:
-    """Before anything in `ckpt` is loaded: its weights and train_state/ must match ouvert.json."""
-    try:
-        problems = manifest.verify(ckpt)
-    except manifest.ManifestError as e:
-        raise CheckpointError(f"cannot resume: {e}") from None
-    if problems:
-        raise CheckpointError(f"cannot resume from {ckpt}: " + "; ".join(problems))
-
-
-def _restore(ckpt: Path, model, optimizer, task, d: D.Dist, lora_only: bool = False) -> dict:
-    from safetensors.torch import load_file
-
-    from ouvert.checkpoint.hf import hf_state_dict_to_ours
-
-    state = json.loads((ckpt / "train_state" / "state.json").read_text())
-    osd = load_plain(ckpt / "train_state" / "optimizer.pt")
-    if lora_only:  # adapters were loaded with the model; the base is frozen and unchanged
-        D.load_full_state(model, optimizer, D.unwrap(model).state_dict(), osd)
-    else:
-        hf = {}
-        for f in sorted(ckpt.glob("model*.safetensors")):
-            hf.update(load_file(f))
-        msd = hf_state_dict_to_ours(hf, D.unwrap(model).config)
-        D.load_full_state(model, optimizer, msd, osd)
-    task.load_state_dict(state["task"])
-    set_rng_state(load_plain(ckpt / "train_state" / "rng.pt"))
-    return state
-
-
-def _read_history(path: Path, step: int) -> list[dict]:
-    """Earlier metrics of a resumed run, up to its checkpoint (lines past it are dropped)."""
-    if not path.is_file():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if r["step"] <= step]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return rows
 
 
 def plot_losses(history: list[dict], path: Path) -> None:

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from ouvert.chat import ChatError, render_with_mask
 from ouvert.data import DataError, TokenLoader, read_manifest
 from ouvert.model import MoE
+from ouvert.train.distributed import all_reduce_mean
 
 
 def moe_layers(model: nn.Module) -> list[MoE]:
@@ -92,8 +93,6 @@ class PretrainTask:
     @torch.no_grad()
     def evaluate(self, model) -> dict[str, float]:
         """Mean loss over the first eval_steps batches of the val split (train if none)."""
-        from ouvert.train.distributed import all_reduce_mean
-
         c, d = self.c, self.d
         split = "val" if read_manifest(c.data)["val"] else "train"
         loader = TokenLoader(c.data, split, c.seq_len, c.batch_size, d.rank, d.world_size, seed=0, shuffle=False)

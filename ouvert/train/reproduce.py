@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from ouvert.checkpoint import manifest
+from ouvert.train.config import TrainConfig
+from ouvert.train.loop import train
 
 
 def check_inputs(record: dict[str, Any], data_dir: Path | None) -> list[str]:
@@ -72,8 +74,6 @@ def reproduce(model_dir: str | Path, out_dir: str | Path, data_dir: str | Path |
               force: bool = False) -> dict[str, Any]:
     """Re-run the recorded training into out_dir; returns a report (identical: bool, problems,
     differences)."""
-    from ouvert.train.loop import TrainConfig, train
-
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     record = manifest.read(model_dir)
     where = model_dir / manifest.MANIFEST
