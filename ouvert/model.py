@@ -434,7 +434,10 @@ class Router(nn.Module):
 
 
 class MoE(nn.Module):
-    """DeepSeekMoE: shared experts every token passes through, plus routed fine-grained experts."""
+    """DeepSeekMoE: shared experts every token passes through, plus routed fine-grained experts.
+
+    It keeps no training state: the balancing statistics (tokens per expert, the sequence-wise
+    balance loss) are read from outside, by train/balance.py's Balancer through forward hooks."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -442,36 +445,15 @@ class MoE(nn.Module):
         self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
         if cfg.n_shared_experts:
             self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, cfg.mlp_bias)
-        self.last_counts: Tensor | None = None  # tokens per expert in the last forward, for balancing and stats
-        self.seq_balance_alpha = 0.0  # > 0: compute the sequence-wise balance loss while training
-        self.aux_loss: Tensor | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (N, D)
         idx, weight = self.gate(x)
-        y, self.last_counts = self.experts(x, idx, weight)
-        self.aux_loss = None
-        if self.training and self.seq_balance_alpha > 0 and len(shape) == 3:
-            self.aux_loss = self.sequence_balance_loss(x.view(shape), idx.view(*shape[:2], -1))
+        y, _ = self.experts(x, idx, weight)  # the counts are for a Balancer's hook
         if hasattr(self, "shared_experts"):
             y = y + self.shared_experts(x)
         return y.view(shape)
-
-
-    def sequence_balance_loss(self, x: Tensor, idx: Tensor) -> Tensor:
-        """DeepSeek-V3 eq. 17-20: alpha * sum_i f_i P_i per sequence, averaged over the batch, where
-        f_i is expert i's share of the sequence's choices (scaled so uniform is 1) and P_i its mean
-        normalised affinity. x (B, T, D), idx (B, T, k)."""
-        B, T, _ = x.shape
-        E, k = self.gate.weight.shape[0], idx.shape[-1]
-        logits = self.gate.logits(x)  # (B, T, E)
-        s = self.gate.scores(logits)
-        p = (s / s.sum(dim=-1, keepdim=True)).mean(dim=1)  # (B, E)
-        ones = torch.ones(B, T * k, device=x.device)
-        chosen = torch.zeros(B, E, device=x.device).scatter_add_(1, idx.reshape(B, -1), ones)
-        f = chosen * E / (k * T)  # (B, E); counts carry no gradient, P does
-        return self.seq_balance_alpha * (f * p).sum(dim=-1).mean()
 
 
 # ---- blocks and the model ---------------------------------------------------------------------

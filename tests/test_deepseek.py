@@ -31,6 +31,7 @@ from ouvert.config import ModelConfig
 from ouvert.generate.cache import Cache
 from ouvert.generate.decode import decode_step, pad_left, prefill
 from ouvert.model import MoE, Router
+from ouvert.train.balance import Balancer
 
 ATOL = 1e-4
 
@@ -202,9 +203,11 @@ def _random_moe(cfg: ModelConfig, seed: int = 0) -> MoE:
 def test_grouped_moe_equals_per_token_loop(kind):
     cfg = _moe_config(kind)
     moe = _random_moe(cfg)
+    balancer = Balancer(moe)
     x = torch.randn(3, 17, cfg.hidden_size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         y = moe(x)
+        counts = balancer.counts[0]
         ref = torch.zeros_like(x).view(-1, cfg.hidden_size)
         ex, sh = moe.experts, moe.shared_experts
         for n, xn in enumerate(x.view(-1, cfg.hidden_size)):
@@ -214,7 +217,6 @@ def test_grouped_moe_equals_per_token_loop(kind):
                 ref[n] += we * (ex.down_proj[e] @ h)
             ref[n] += sh.down_proj.weight @ (F.silu(sh.gate_proj.weight @ xn) * (sh.up_proj.weight @ xn))
     assert (y - ref.view_as(x)).abs().max().item() < 1e-5
-    counts = moe.last_counts
     assert counts.shape == (cfg.n_routed_experts,) and counts.sum().item() == 3 * 17 * cfg.num_experts_per_tok
     # Fixed row tiles (the serving engine's batch-invariant mode): the same sums, up to rounding.
     moe.experts.row_tile = 4
@@ -235,6 +237,7 @@ def test_compiled_moe_decode_is_one_graph_and_equals_eager():
     model = Transformer(cfg)
     model.init_weights(std=0.3, generator=torch.Generator().manual_seed(0))
     model.eval()
+    balancer = Balancer(model)
     tokens, mask = pad_left([[5, 6, 7, 8, 9], [3, 4]])
     caches = [Cache(model, 2, 32), Cache(model, 2, 32)]
     for c in caches:
@@ -243,11 +246,10 @@ def test_compiled_moe_decode_is_one_graph_and_equals_eager():
     tok = logits.argmax(-1)
     for _ in range(4):
         a = step(tok, pos, caches[0])
-        compiled_counts = [m.last_counts.clone() for m in model.modules() if isinstance(m, MoE)]
+        compiled_counts = [c.clone() for c in balancer.counts]
         b = decode_step(model, tok, pos, caches[1])
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-        assert all(torch.equal(c, m.last_counts) for c, m in
-                   zip(compiled_counts, [m for m in model.modules() if isinstance(m, MoE)]))
+        assert all(torch.equal(c, e) for c, e in zip(compiled_counts, balancer.counts))
         tok, pos = b.argmax(-1), pos + 1
     with torch.inference_mode():
         explained = torch._dynamo.explain(model)(tok[:, None], pos[:, None], caches[0], last_only=True)

@@ -9,7 +9,8 @@ N more give bitwise the weights of 2N steps straight (float32, CPU).
 
 The same code runs in one process and under torchrun (DDP or FSDP2, train/distributed.py); only
 rank 0 prints and writes. What the loop runs comes from around it: the settings (config.py), the
-objective (tasks.py) and the checkpoints it writes and resumes from (state.py).
+objective (tasks.py), the checkpoints it writes and resumes from (state.py), and DeepSeek's
+expert balancing (balance.py).
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ from ouvert.config import preset
 from ouvert.data import read_manifest
 from ouvert.generate import SamplingParams, generate
 from ouvert.model import Transformer
+from ouvert.train.balance import Balancer
 from ouvert.train.config import TrainConfig
-from ouvert.train.objectives import moe_layers, update_router_bias
 from ouvert.train.state import (
     check_resumable,
     latest_checkpoint,
@@ -156,14 +157,12 @@ def train(c: TrainConfig, resume: bool = False) -> Path:
         if start_ckpt is not None:
             lora.load_adapter_weights(model, start_ckpt)
     model.to(d.device).train()
-    moes = moe_layers(model)
-    for m in moes:
-        m.seq_balance_alpha = c.seq_balance_alpha
+    balancer = Balancer(model, c.seq_balance_alpha)  # DeepSeek MoE: expert loads, balance loss
     if c.activation_checkpointing:
         for layer in model.layers:  # recompute each block in backward instead of keeping its activations
             layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
     raw = model
-    task = make_task(c, d, tokenizer, raw)
+    task = make_task(c, d, tokenizer, raw, balancer)
     for p in getattr(task, "problems", []):
         D.print0(d, f"warning: {p}", file=sys.stderr)
     model = D.wrap(model, d, c.distributed)
@@ -201,7 +200,8 @@ def train(c: TrainConfig, resume: bool = False) -> Path:
         lr = lr_at(step, c)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        counts = [torch.zeros_like(m.gate.e_score_correction_bias) for m in moes] if c.router_bias_rate else []
+        if c.router_bias_rate:
+            balancer.start_step()
         sums: dict[str, float] = {}
         for micro in range(c.grad_accum):
             batch = {k: v.to(d.device) for k, v in task.next_batch().items()}
@@ -216,15 +216,14 @@ def train(c: TrainConfig, resume: bool = False) -> Path:
             n_tokens = task.tokens(batch) * d.world_size
             tok_since += n_tokens
             tokens_seen += n_tokens
-            for acc, m in zip(counts, moes):
-                if m.last_counts is not None:  # an MTP module's MoE only runs with the MTP loss on
-                    acc += m.last_counts.to(acc.dtype)
+            if c.router_bias_rate:
+                balancer.tally()
         max_norm = c.grad_clip if c.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if counts:
-            update_router_bias(moes, [D.all_reduce_sum(cnt, d) for cnt in counts], c.router_bias_rate)
+        if c.router_bias_rate:
+            balancer.update_router_bias(c.router_bias_rate, d)
         step += 1
         if calibrate_until is not None:
             now = time.perf_counter()
@@ -242,9 +241,8 @@ def train(c: TrainConfig, resume: bool = False) -> Path:
         record: dict[str, Any] = {"step": step, "lr": lr, "grad_norm": float(grad_norm)}
         for k, v in sums.items():
             record["loss" if k == "lm_loss" else k] = D.all_reduce_mean(torch.tensor(v), d).item()
-        if moes:
-            loads = [m.last_counts.float() for m in moes if m.last_counts is not None]
-            record["expert_load_max_over_mean"] = float(torch.stack([lc.max() / lc.mean() for lc in loads]).mean())
+        if balancer.layers:
+            record["expert_load_max_over_mean"] = balancer.load_max_over_mean()
         if step % c.log_every == 0 or step == end:
             now = time.perf_counter()
             record["tokens_per_s"] = tok_since / (now - t_last)

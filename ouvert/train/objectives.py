@@ -4,9 +4,8 @@ A task has `next_batch()`, `loss(model, batch) -> (loss, metrics)`, `evaluate(mo
 and `state_dict()` / `load_state_dict()` for exact resume.
 
 - pretrain: next-token cross entropy on token shards; for DeepSeek models optionally the
-  multi-token prediction loss (V3 §2.2) and the sequence-wise balance loss (V3 eq. 17-20).
-  Auxiliary-loss-free balancing of the router bias runs after each optimizer step
-  (`update_router_bias`).
+  multi-token prediction loss (V3 §2.2) and the sequence-wise balance loss (V3 eq. 17-20), which
+  the run's Balancer (balance.py) records in the forward.
 - sft: chat JSONL (OpenAI `messages`), rendered with the model's own template; loss on the
   assistant tokens only (the mask comes from the same rendering as the ids); length bucketing.
 - dpo and grpo: in preference.py and grpo.py.
@@ -24,18 +23,15 @@ from torch import Tensor, nn
 
 from ouvert.chat import ChatError, render_with_mask
 from ouvert.data import DataError, TokenLoader, read_manifest
-from ouvert.model import MoE
-from ouvert.train.distributed import all_reduce_mean
-
-
-def moe_layers(model: nn.Module) -> list[MoE]:
-    return [m for m in model.modules() if isinstance(m, MoE)]
+from ouvert.train.balance import Balancer
+from ouvert.train.distributed import Dist, all_reduce_mean
 
 
 def pretrain_loss(
-    model: nn.Module, x: Tensor, y: Tensor, mtp_weight: float = 0.0
+    model: nn.Module, x: Tensor, y: Tensor, mtp_weight: float = 0.0, balancer: Balancer | None = None
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """x, y (B, T): inputs and next tokens. Returns the loss to minimise and detached metrics."""
+    """x, y (B, T): inputs and next tokens. Returns the loss to minimise and detached metrics.
+    With a balancer, its sequence-wise balance loss of this forward is added (when it has one)."""
     use_mtp = mtp_weight > 0
     out = model(x, next_tokens=y if use_mtp else None)
     logits, mtp_logits = (out if use_mtp else (out, []))
@@ -51,22 +47,11 @@ def pretrain_loss(
         mtp = torch.stack(losses).mean()
         loss = loss + mtp_weight * mtp
         metrics["mtp_loss"] = mtp.detach()
-    aux = [m.aux_loss for m in moe_layers(model) if m.aux_loss is not None]
-    if aux:
-        balance = torch.stack(aux).sum()
+    balance = balancer.loss() if balancer is not None else None
+    if balance is not None:
         loss = loss + balance
         metrics["balance_loss"] = balance.detach()
     return loss, metrics
-
-
-@torch.no_grad()
-def update_router_bias(layers: list[MoE], counts: list[Tensor], rate: float) -> None:
-    """Auxiliary-loss-free balancing (DeepSeek-V3 §2.1.2): after each step, raise the routing
-    bias of under-loaded experts and lower it for over-loaded ones by `rate`, by the sign of
-    each expert's load error. `counts` are tokens per expert summed over the step (all ranks)."""
-    for m, c in zip(layers, counts):
-        c = c.float()
-        m.gate.e_score_correction_bias += rate * torch.sign(c.mean() - c)
 
 
 def token_logprobs(model: nn.Module, ids: Tensor) -> Tensor:
@@ -76,8 +61,10 @@ def token_logprobs(model: nn.Module, ids: Tensor) -> Tensor:
 
 
 class PretrainTask:
-    def __init__(self, c, d):
-        self.c, self.d = c, d
+    """Next-token prediction on the token shards of `ouvert data prepare`."""
+
+    def __init__(self, c, d: Dist, balancer: Balancer | None = None):
+        self.c, self.d, self.balancer = c, d, balancer
         self.loader = TokenLoader(c.data, "train", c.seq_len, c.batch_size, d.rank, d.world_size, seed=c.seed)
 
     def next_batch(self) -> dict[str, Tensor]:
@@ -85,7 +72,7 @@ class PretrainTask:
         return {"x": x, "y": y}
 
     def loss(self, model, batch):
-        return pretrain_loss(model, batch["x"], batch["y"], self.c.mtp_weight)
+        return pretrain_loss(model, batch["x"], batch["y"], self.c.mtp_weight, self.balancer)
 
     def tokens(self, batch) -> int:
         return batch["x"].numel()

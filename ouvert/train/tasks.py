@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ouvert.train.balance import Balancer
 from ouvert.train.config import TrainConfig
 from ouvert.train.distributed import Dist
 from ouvert.train.grpo import GRPOTask
@@ -19,11 +20,11 @@ from ouvert.train.objectives import PretrainTask, SFTTask
 from ouvert.train.preference import DPOTask
 
 
-def make_task(c: TrainConfig, d: Dist, tokenizer, model: nn.Module):
-    """The task for c.objective. DPO and GRPO keep `model` as the policy (and a frozen copy of it
-    as the reference)."""
+def make_task(c: TrainConfig, d: Dist, tokenizer, model: nn.Module, balancer: Balancer | None = None):
+    """The task for c.objective. Pretraining adds the balancer's sequence-wise balance loss;
+    DPO and GRPO keep `model` as the policy (and a frozen copy of it as the reference)."""
     if c.objective == "pretrain":
-        return PretrainTask(c, d)
+        return PretrainTask(c, d, balancer)
     if c.objective == "sft":
         return SFTTask(c, d, tokenizer)
     if c.objective == "dpo":
