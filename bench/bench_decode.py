@@ -68,6 +68,7 @@ import ouvert
 from ouvert.config import ModelConfig
 from ouvert.generate.cache import Cache
 from ouvert.generate.decode import prefill
+from ouvert.generate.sampling import SamplingParams
 from ouvert.quantize import (
     HEAD_SCHEME,
     choose_group_size,
@@ -272,8 +273,8 @@ def run_ouvert(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, flo
     del cache
     times: list[float] = []
     out = ouvert.generate(
-        model, prompt.tolist(), new_tokens, stop_token_ids=[], on_token=lambda _: times.append(time.perf_counter()),
-        compile=COMPILE["on"],
+        model, prompt.tolist(), new_tokens, SamplingParams(stop_token_ids=[]),
+        on_token=lambda _: times.append(time.perf_counter()), compile=COMPILE["on"],
     )[0]
     return t_prefill, (times[-1] - times[0]) / max(new_tokens - 1, 1), out
 

@@ -30,6 +30,7 @@ import torch
 from smollm2_gguf import read_bandwidth  # bench/, beside this script
 
 import ouvert
+from ouvert.generate.sampling import SamplingParams
 from ouvert.serve.engine import Engine, Request
 
 GGUF = Path(__file__).resolve().parent.parent / ".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -50,11 +51,12 @@ REPEATS = 3  # each rate is the best of this many runs, after a warm-up (first t
 
 
 def generate_rate(model, prompt: list[int], n: int) -> float:
-    ouvert.generate(model, prompt, 8, temperature=0, stop_token_ids=[])  # warm-up
+    greedy = SamplingParams(temperature=0, stop_token_ids=[])
+    ouvert.generate(model, prompt, 8, greedy)  # warm-up
     best = 0.0
     for _ in range(REPEATS):
         t = time.perf_counter()
-        out = ouvert.generate(model, prompt, n, temperature=0, stop_token_ids=[])[0]
+        out = ouvert.generate(model, prompt, n, greedy)[0]
         best = max(best, len(out) / (time.perf_counter() - t))
     return best
 
@@ -65,7 +67,7 @@ def engine_rate(model, tok, prompt: list[int], n: int, max_batch: int) -> tuple[
     for tokens in (8, *[n] * REPEATS):  # a warm-up, then the runs
         outs: list = []
         t = time.perf_counter()
-        engine.submit(Request(prompt, tokens, temperature=0, ignore_eos=True), outs.append)
+        engine.submit(Request(prompt, tokens, SamplingParams(temperature=0), ignore_eos=True), outs.append)
         while engine.step():
             pass
         if tokens == n:

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 import ouvert
+from ouvert.generate.sampling import SamplingParams
 from ouvert.generate.speculative import speculative_generate
 
 CORPUS = Path(__file__).resolve().parent.parent / ".cache" / "corpus" / "shakespeare"
@@ -84,13 +85,13 @@ def main(argv: list[str] | None = None) -> dict:
     k = args.k if args.draft else 1
     prompts, source = prompts_for(model, args.model, args.prompts, args.prompt_len, args.seed)
 
+    params = SamplingParams(temperature=args.temperature, seed=args.seed, stop_token_ids=[])
+
     def plain(p):
-        return ouvert.generate(model, p, args.new_tokens, temperature=args.temperature, seed=args.seed,
-                               stop_token_ids=[])[0]
+        return ouvert.generate(model, p, args.new_tokens, params)[0]
 
     def spec(p):
-        return speculative_generate(model, p, args.new_tokens, draft, k=k, temperature=args.temperature,
-                                    seed=args.seed, stop_token_ids=[])
+        return speculative_generate(model, p, args.new_tokens, draft, params, k=k)
 
     plain(prompts[0][:8])  # warm up both paths
     spec(prompts[0][:8])

@@ -16,7 +16,7 @@ import torch
 from ouvert.card import add_card_parsers
 from ouvert.checkpoint.gguf import add_export_parser
 from ouvert.checkpoint.hf import DTYPES
-from ouvert.generate.decode import stop_ids
+from ouvert.generate.sampling import SamplingParams, stop_ids
 from ouvert.quantize import add_quantize_parser
 from ouvert.serve.cli import add_serve_parser
 from ouvert.threads import configure_threads
@@ -68,15 +68,18 @@ class Timing:
         return text + "]"
 
 
+def _sampling_params(args, model, tok, **more) -> SamplingParams:
+    """The sampling flags (_sampling_args), stopping at the model's stop tokens."""
+    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                          seed=args.seed, stop_token_ids=stop_ids(model, tok), **more)
+
+
 def _tokens(model, tok, ids: list[int], args) -> Iterator[int]:
     """The new tokens of one reply, as they are sampled."""
     from ouvert.generate import stream
 
-    for step in stream(
-        model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        min_p=args.min_p, repetition_penalty_=args.repetition_penalty, seed=args.seed,
-        stop_token_ids=stop_ids(model, tok), compile=args.compile,
-    ):
+    params = _sampling_params(args, model, tok, repetition_penalty=args.repetition_penalty)
+    for step in stream(model, ids, args.max_new_tokens, params, compile=args.compile):
         if step[0] is None:
             return
         yield step[0]
@@ -149,8 +152,7 @@ def _speculative_reply(model, tok, ids: list[int], args) -> Timing:
         print("".join(dec.push(t) for t in step), end="", flush=True)
 
     out = speculative_generate(
-        model, ids, args.max_new_tokens, draft, k=args.draft_k, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, min_p=args.min_p, seed=args.seed, stop_token_ids=stop_ids(model, tok), on_token=on_token,
+        model, ids, args.max_new_tokens, draft, _sampling_params(args, model, tok), k=args.draft_k, on_token=on_token,
     )
     print(dec.flush(), flush=True)
     print(f"[speculative: {out.acceptance_rate:.0%} of drafts accepted, {out.tokens_per_forward:.2f} tokens per "

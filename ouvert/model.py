@@ -8,13 +8,15 @@ grouped-query attention (Llama, GQA, arXiv:2305.13245) or multi-head latent atte
 
 Module and parameter names follow the Hugging Face checkpoints (`q_proj`, `kv_a_proj_with_mqa`,
 `e_score_correction_bias`), so loading is a plain copy except for the stacked experts
-(see checkpoint/hf.py). Caches are passed in (generate/cache.py), never stored on the model.
+(see checkpoint/hf.py). Caches are passed in, never stored on the model: any object with the
+calls of `KVCache` (generate/cache.py's Cache, serve/cache.py's SlotCache).
 This file imports neither torch.distributed nor the tokenizer.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -140,6 +142,38 @@ def attention_mask(q_slot: Tensor, S: int, valid: Tensor | None = None, window: 
     return m
 
 
+@runtime_checkable
+class KVCache(Protocol):
+    """What the model asks of an attention cache. A forward over T new tokens calls
+    `attention_mask` once, `update` in each attention layer, then `advance` once every layer has
+    written; `positions` when the caller gives no rotary positions. generate/cache.py's Cache
+    writes all rows at one shared slot; serve/cache.py's SlotCache gives each row its own."""
+
+    def positions(self, T: int) -> Tensor:
+        """Rotary positions of the next T tokens: (T,) shared by all rows, or (B, T)."""
+        ...
+
+    def attention_mask(self, T: int, pad_mask: Tensor | None, window: int | None) -> tuple[Tensor | None, bool]:
+        """(mask, causal) for T new tokens, pad_mask (B, T) False at padding: a boolean mask
+        (B or 1, 1, T, S) over the S slots `update` will return; or None with causal True when plain
+        causal attention over the new tokens alone is exact, None with causal False when every
+        slot is visible to every new token."""
+        ...
+
+    def update(self, layer: int, new: tuple[Tensor, ...], seq_dim: int) -> tuple[Tensor, ...]:
+        """Store layer's entries for the new tokens (T along seq_dim); return the S entries to attend over."""
+        ...
+
+    def advance(self, T: int) -> None:
+        """The forward is done: every layer has written its T new entries."""
+        ...
+
+
+def next_positions(cache: KVCache | None, B: int, T: int, device: torch.device) -> Tensor:
+    """(B, T) rotary positions of T new tokens when the caller gives none: the cache's next ones, else 0 .. T-1."""
+    return (torch.arange(T, device=device) if cache is None else cache.positions(T)).expand(B, T)
+
+
 class Attention(nn.Module):
     """Grouped-query attention; caches K and V per layer: 2 * n_kv_heads * head_dim numbers per token."""
 
@@ -162,7 +196,9 @@ class Attention(nn.Module):
         shape = (batch, self.n_kv_head, max_len, self.head_dim)
         return torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, causal: bool, cache=None) -> Tensor:
+    def forward(
+        self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, causal: bool, cache: KVCache | None = None
+    ) -> Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -220,7 +256,9 @@ class MLAttention(nn.Module):
         # One buffer per layer: [c_kv | k_rope] along the last axis.
         return (torch.zeros(batch, max_len, self.kv_lora_rank + self.rope, dtype=dtype, device=device),)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, causal: bool, cache=None) -> Tensor:
+    def forward(
+        self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, causal: bool, cache: KVCache | None = None
+    ) -> Tensor:
         B, T, _ = x.shape
         H = self.n_head
         q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
@@ -470,7 +508,9 @@ class Block(nn.Module):
         else:
             self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, causal: bool, cache=None) -> Tensor:
+    def forward(
+        self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, causal: bool, cache: KVCache | None = None
+    ) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), rope, mask, causal, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -549,26 +589,26 @@ class Transformer(nn.Module):
         self,
         tokens: Tensor,
         positions: Tensor | None = None,
-        cache=None,
+        cache: KVCache | None = None,
         pad_mask: Tensor | None = None,
-        last_only: bool = False,
+        logits_at: Tensor | None = None,
         return_hidden: bool = False,
         next_tokens: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, Tensor] | tuple[Tensor, list[Tensor]]:
         """tokens (B, T) -> logits (B, T, vocab) in the weights' dtype.
 
-        positions: (B, T) rotary positions; default cache.start + arange(T).
-        cache:     a generate.cache.Cache; its slots [start, start+T) are written, then start moves on.
+        positions: (B, T) rotary positions; default the cache's next ones (KVCache.positions), or arange(T).
+        cache:     a KVCache the new tokens' keys and values are written to, and attention reads.
         pad_mask:  (B, T) bool, False where a token is padding (left-padded batches).
-        last_only: compute logits for the last position only, (B, 1, vocab).
-        return_hidden: also return the final hidden states before the norm (for MTP).
+        logits_at: (K,) or (B, K) indices along T (negative from the end): logits at those positions
+                   only, (B, K, vocab); the head runs on nothing else (a prefill wants one position).
+        return_hidden: also return the final hidden states (B, T, D) before the norm (for MTP).
         next_tokens: (B, T) the tokens after `tokens` (training targets); when given, also return
                    the MTP modules' logits, [(B, T, vocab)] per depth (see mtp_logits).
         """
         B, T = tokens.shape
         if positions is None:
-            start = cache.start if cache is not None else 0
-            positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
+            positions = next_positions(cache, B, T, tokens.device)
         window = self.config.sliding_window
         if cache is not None:
             mask, causal = cache.attention_mask(T, pad_mask, window)
@@ -583,15 +623,15 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.advance(T)
         h = x
-        if last_only:
-            x = x[:, -1:]
+        if logits_at is not None:
+            x = x[torch.arange(B, device=x.device).unsqueeze(1), logits_at.to(x.device)]  # (B, K, D)
         logits = self.lm_head(self.norm(x))
         if next_tokens is not None:
             return logits, self.mtp_logits(h, next_tokens, positions)
         return (logits, h) if return_hidden else logits
 
     def mtp_logits(
-        self, hidden: Tensor, next_tokens: Tensor, positions: Tensor | None = None, cache=None
+        self, hidden: Tensor, next_tokens: Tensor, positions: Tensor | None = None, cache: KVCache | None = None
     ) -> list[Tensor]:
         """Logits of each MTP depth. hidden (B, T, D): the trunk's last hidden states (before its
         final norm) for positions i; next_tokens (B, T): tokens i+1. Depth k predicts token i+1+k.
@@ -599,12 +639,11 @@ class Transformer(nn.Module):
         depth reads norm(hidden), the trunk's final norm (see MTPModule).
 
         cache: a Cache(model, ..., mtp=True) to run the first depth alone incrementally, as
-        speculative decoding does: slots [start, start+T) are written, positions default to
-        cache.start + arange(T). (A later depth would need tokens not yet known.)"""
+        speculative decoding does: slots [start, start+T) are written, positions default to the
+        cache's next ones. (A later depth would need tokens not yet known.)"""
         B, T, _ = hidden.shape
         if positions is None:
-            start = cache.start if cache is not None else 0
-            positions = torch.arange(start, start + T, device=hidden.device).expand(B, T)
+            positions = next_positions(cache, B, T, hidden.device)
         mask, causal = (None, True) if cache is None else cache.attention_mask(T, None, self.config.sliding_window)
         rope = self.rope(positions, hidden.dtype)
         out, h = [], self.norm(hidden)

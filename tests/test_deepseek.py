@@ -30,6 +30,7 @@ from ouvert.checkpoint.hf import CheckpointError, dequantize_fp8, our_name
 from ouvert.config import ModelConfig
 from ouvert.generate.cache import Cache
 from ouvert.generate.decode import decode_step, pad_left, prefill
+from ouvert.generate.sampling import SamplingParams
 from ouvert.model import MoE, Router
 from ouvert.train.balance import Balancer
 
@@ -122,9 +123,9 @@ def test_greedy_generation_matches_transformers(ckpt):
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(2, MLA_MOE["vocab_size"], (n,), generator=g).tolist() for n in (100, 37)]
     ref = [_hf_greedy(hf, p, 32) for p in prompts]
-    assert ouvert.generate(model, prompts[0], 32, stop_token_ids=[]) == [ref[0]]
+    assert ouvert.generate(model, prompts[0], 32, SamplingParams(stop_token_ids=[])) == [ref[0]]
     # A left-padded batch (absorbed MLA with a padding mask) gives each row its own greedy run.
-    assert ouvert.generate(model, prompts, 32, stop_token_ids=[]) == ref
+    assert ouvert.generate(model, prompts, 32, SamplingParams(stop_token_ids=[])) == ref
 
 
 # ---- MLA: absorbed against naive, and the size of the cache ------------------------------------------
@@ -252,7 +253,7 @@ def test_compiled_moe_decode_is_one_graph_and_equals_eager():
         assert all(torch.equal(c, e) for c, e in zip(compiled_counts, balancer.counts))
         tok, pos = b.argmax(-1), pos + 1
     with torch.inference_mode():
-        explained = torch._dynamo.explain(model)(tok[:, None], pos[:, None], caches[0], last_only=True)
+        explained = torch._dynamo.explain(model)(tok[:, None], pos[:, None], caches[0])
     assert explained.graph_break_count == 0, explained.break_reasons
 
 

@@ -32,21 +32,21 @@ def test_greedy_matches_transformers_batch(request, ckpt):
     d, hf = request.getfixturevalue(ckpt)
     model = ouvert.load_model(d)
     prompts = _prompts(model.config.vocab_size)
-    ours = ouvert.generate(model, prompts, 32, temperature=0.0, stop_token_ids=[])
+    ours = ouvert.generate(model, prompts, 32, SamplingParams(temperature=0.0, stop_token_ids=[]))
     theirs = _hf_greedy_batch(hf, prompts, 32)
     assert ours == theirs
     # and each prompt alone gives the same tokens as in the batch
     for p, o in zip(prompts, ours):
-        assert ouvert.generate(model, p, 32, stop_token_ids=[])[0] == o
+        assert ouvert.generate(model, p, 32, SamplingParams(stop_token_ids=[]))[0] == o
 
 
 def test_stop_token_ends_row_and_is_kept(tiny_ckpt):
     d, _ = tiny_ckpt
     model = ouvert.load_model(d)
     prompts = _prompts(300, (4, 9))
-    free = ouvert.generate(model, prompts, 20, stop_token_ids=[])
+    free = ouvert.generate(model, prompts, 20, SamplingParams(stop_token_ids=[]))
     stop = free[1][5]
-    out = ouvert.generate(model, prompts, 20, stop_token_ids=[stop])
+    out = ouvert.generate(model, prompts, 20, SamplingParams(stop_token_ids=[stop]))
     assert out[1] == free[1][: free[1].index(stop) + 1]
     first = free[0].index(stop) + 1 if stop in free[0] else 20
     assert out[0] == free[0][:first]
@@ -56,14 +56,13 @@ def test_seeded_sampling_is_reproducible(tiny_ckpt):
     d, _ = tiny_ckpt
     model = ouvert.load_model(d)
     p = _prompts(300, (6,))
-    a = ouvert.generate(model, p, 16, temperature=1.0, top_p=0.9, seed=7, stop_token_ids=[])
-    b = ouvert.generate(model, p, 16, temperature=1.0, top_p=0.9, seed=7, stop_token_ids=[])
-    c = ouvert.generate(model, p, 16, temperature=1.0, top_p=0.9, seed=8, stop_token_ids=[])
+    a = ouvert.generate(model, p, 16, SamplingParams(temperature=1.0, top_p=0.9, seed=7, stop_token_ids=[]))
+    b = ouvert.generate(model, p, 16, SamplingParams(temperature=1.0, top_p=0.9, seed=7, stop_token_ids=[]))
+    c = ouvert.generate(model, p, 16, SamplingParams(temperature=1.0, top_p=0.9, seed=8, stop_token_ids=[]))
     assert a == b and a != c
     # top_k=1 sampling is greedy
-    assert ouvert.generate(model, p, 16, temperature=0.7, top_k=1, seed=1, stop_token_ids=[]) == ouvert.generate(
-        model, p, 16, stop_token_ids=[]
-    )
+    assert ouvert.generate(model, p, 16, SamplingParams(temperature=0.7, top_k=1, seed=1, stop_token_ids=[])) == \
+        ouvert.generate(model, p, 16, SamplingParams(stop_token_ids=[]))
 
 
 def test_filters():
@@ -84,8 +83,8 @@ def test_repetition_penalty_changes_choice(tiny_ckpt):
     d, _ = tiny_ckpt
     model = ouvert.load_model(d)
     p = _prompts(300, (8,))[0]
-    plain = ouvert.generate(model, p, 24, stop_token_ids=[])[0]
-    pen = ouvert.generate(model, p, 24, repetition_penalty=50.0, stop_token_ids=[])[0]
+    plain = ouvert.generate(model, p, 24, SamplingParams(stop_token_ids=[]))[0]
+    pen = ouvert.generate(model, p, 24, SamplingParams(repetition_penalty=50.0, stop_token_ids=[]))[0]
     assert len(set(pen)) == len(pen), "a strong penalty forbids repeats"
     assert not set(pen) & set(p)
     assert plain != pen
@@ -96,9 +95,9 @@ def test_stop_strings(tiny_ckpt, llama3_tokenizer_dir):
     model = ouvert.load_model(d)
     tok = ouvert.load_tokenizer(llama3_tokenizer_dir)
     p = _prompts(300, (5,))[0]
-    free = ouvert.generate(model, p, 20, stop_token_ids=[])[0]
+    free = ouvert.generate(model, p, 20, SamplingParams(stop_token_ids=[]))[0]
     target = tok.decode(free[:6])[-2:]  # a string that surely appears once 6 tokens are out
-    out = ouvert.generate(model, p, 20, stop_token_ids=[], stop=[target], tokenizer=tok)[0]
+    out = ouvert.generate(model, p, 20, SamplingParams(stop_token_ids=[], stop=[target]), tokenizer=tok)[0]
     assert target in tok.decode(out) and len(out) <= 6
     assert out == free[: len(out)]
 
@@ -119,10 +118,10 @@ def test_compiled_decode_equals_eager(tiny_ckpt):
     d, _ = tiny_ckpt
     model = ouvert.load_model(d)
     prompts = _prompts(model.config.vocab_size, lengths=(4, 11))
-    eager = ouvert.generate(model, prompts, 12, stop_token_ids=[])
-    assert ouvert.generate(model, prompts, 12, stop_token_ids=[], compile=True) == eager
-    assert ouvert.generate(model, prompts[0], 20, stop_token_ids=[], compile=True) == \
-        ouvert.generate(model, prompts[0], 20, stop_token_ids=[])
+    eager = ouvert.generate(model, prompts, 12, SamplingParams(stop_token_ids=[]))
+    assert ouvert.generate(model, prompts, 12, SamplingParams(stop_token_ids=[]), compile=True) == eager
+    assert ouvert.generate(model, prompts[0], 20, SamplingParams(stop_token_ids=[]), compile=True) == \
+        ouvert.generate(model, prompts[0], 20, SamplingParams(stop_token_ids=[]))
     tokens, mask = pad_left(prompts)
     step = compiled_decode_step(model)
     caches = [Cache(model, 2, 32), Cache(model, 2, 32)]
@@ -155,7 +154,7 @@ def test_many_models_stay_compiled(tiny_ckpt):
             if scheme:
                 model = quantize_model(model, scheme)
             before = counters["stats"]["unique_graphs"]
-            ouvert.generate(model, [5, 6, 7], 3, stop_token_ids=[], compile=True)
+            ouvert.generate(model, [5, 6, 7], 3, SamplingParams(stop_token_ids=[]), compile=True)
             graphs.append(counters["stats"]["unique_graphs"] - before)
     assert all(g >= 1 for g in graphs), graphs  # each model got its own compiled graph
 
@@ -171,5 +170,5 @@ def test_compile_failure_falls_back_to_eager(tiny_ckpt, monkeypatch):
 
     monkeypatch.setattr(torch, "compile", broken)
     with pytest.warns(UserWarning, match="decoding eagerly: RuntimeError: no C\\+\\+ compiler"):
-        out = ouvert.generate(model, [5, 6, 7], 8, stop_token_ids=[], compile=True)
-    assert out == ouvert.generate(model, [5, 6, 7], 8, stop_token_ids=[])
+        out = ouvert.generate(model, [5, 6, 7], 8, SamplingParams(stop_token_ids=[]), compile=True)
+    assert out == ouvert.generate(model, [5, 6, 7], 8, SamplingParams(stop_token_ids=[]))

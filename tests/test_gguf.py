@@ -37,6 +37,7 @@ import ouvert
 from ouvert import CheckpointError, kernels
 from ouvert.checkpoint.gguf import export_gguf
 from ouvert.cli import main as cli_main
+from ouvert.generate.sampling import SamplingParams
 from ouvert.quantize import BlockEmbedding
 from ouvert.tokenizer import load_tokenizer, train_tokenizer
 
@@ -464,7 +465,7 @@ def test_llama_cpp_same_greedy_tokens(exported, llama_dir, deepseek_dir, tok_dir
     prompt = tok.encode("The quick brown fox, ça va? 1234")
     llm = _llama_cpp_model(exported[arch, "f32"])
     theirs, logits = _llama_cpp_greedy(llm, prompt, 32)
-    ours = ouvert.generate(model, prompt, max_new_tokens=32, temperature=0)[0]
+    ours = ouvert.generate(model, prompt, 32, SamplingParams(temperature=0))[0]
     ours = ours[len(prompt):] if len(ours) > 32 else ours
     assert list(ours) == theirs
     with torch.no_grad():
@@ -679,8 +680,8 @@ def test_compiled_decode_with_experts_in_blocks_equals_eager(deepseek_dir):
         pytest.skip("ouvert's C++ kernels are not built")
     model = quantize_model(ouvert.load_model(deepseek_dir), "q8_0")
     prompt = list(range(5, 21))
-    eager = ouvert.generate(model, prompt, 8, stop_token_ids=[])
-    assert ouvert.generate(model, prompt, 8, stop_token_ids=[], compile=True) == eager
+    eager = ouvert.generate(model, prompt, 8, SamplingParams(stop_token_ids=[]))
+    assert ouvert.generate(model, prompt, 8, SamplingParams(stop_token_ids=[]), compile=True) == eager
 
 
 def test_export_k_quants_from_float(block_dir, tmp_path):

@@ -13,6 +13,7 @@ from conftest import make_hf_model
 import ouvert
 from ouvert.generate import Cache, decode_step, prefill
 from ouvert.generate.decode import pad_left
+from ouvert.model import KVCache
 
 PARITY_TOL = 1e-4
 CACHE_TOL = 1e-5
@@ -95,6 +96,21 @@ def test_cache_chunked_prefill_and_padding(tiny_ckpt):
         model(torch.tensor([a[:20]]), cache=cache)
         chunk = model(torch.tensor([a[20:]]), cache=cache)[0, -1]
         assert (chunk - ref_a).abs().max() < CACHE_TOL
+
+
+def test_logits_at_chosen_positions(tiny_ckpt):
+    """logits_at gives the full forward's logits at the chosen positions, shared by the rows (K,) or
+    per row (B, K), negative from the end; and generate's Cache is a model.KVCache."""
+    d, _ = tiny_ckpt
+    model = ouvert.load_model(d)
+    seq = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = model(seq)
+        shared = model(seq, logits_at=torch.tensor([3, -1]))
+        per_row = model(seq, logits_at=torch.tensor([[0, 5], [7, 11]]))
+    assert (shared - full[:, [3, 11]]).abs().max() < CACHE_TOL
+    assert (per_row - torch.stack([full[0, [0, 5]], full[1, [7, 11]]])).abs().max() < CACHE_TOL
+    assert isinstance(Cache(model, 1, 8), KVCache)
 
 
 def test_meta_build_then_assign(tiny_ckpt):

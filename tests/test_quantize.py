@@ -19,6 +19,7 @@ from ouvert import quantize
 from ouvert.cli import describe, main
 from ouvert.data import TokenLoader
 from ouvert.generate.decode import pad_left
+from ouvert.generate.sampling import SamplingParams
 from ouvert.model import Experts
 from ouvert.quantize import (
     EXPERT_PROJS,
@@ -303,7 +304,8 @@ def test_deepseek_round_trip(tmp_path, scheme):
     saved, back = model.state_dict(), loaded.state_dict()
     assert saved.keys() == back.keys() and all(torch.equal(saved[k], back[k]) for k in saved)
     assert torch.equal(_logits(loaded, DS_TOKENS), expect)
-    assert len(ouvert.generate(loaded, [1, 2, 3], 4, stop_token_ids=[])[0]) == 4  # absorbed MLA decode runs
+    greedy = SamplingParams(stop_token_ids=[])
+    assert len(ouvert.generate(loaded, [1, 2, 3], 4, greedy)[0]) == 4  # absorbed MLA decode runs
 
 
 @pytest.mark.parametrize("scheme,group_size", [("int8", None), ("int4", 32)])
@@ -399,7 +401,7 @@ def test_quantized_deepseek_compiles_without_graph_breaks():
     cache = Cache(model, 2, 32)
     logits, pos = prefill(model, *pad_left([[5, 6, 7, 8, 9], [3, 4]]), cache)
     with torch.inference_mode():
-        explained = torch._dynamo.explain(model)(logits.argmax(-1)[:, None], pos[:, None], cache, last_only=True)
+        explained = torch._dynamo.explain(model)(logits.argmax(-1)[:, None], pos[:, None], cache)
     assert explained.graph_break_count == 0, explained.break_reasons
 
 
@@ -453,7 +455,7 @@ def test_untied_head_is_int8(tmp_path, kind, scheme):
         assert _rel(mtp, ref) < 1e-5
         from ouvert.generate.speculative import speculative_generate
 
-        assert len(speculative_generate(loaded, [1, 2, 3], 4, "mtp", stop_token_ids=[]).tokens) == 4
+        assert len(speculative_generate(loaded, [1, 2, 3], 4, "mtp", SamplingParams(stop_token_ids=[])).tokens) == 4
         return
 
     # A checkpoint written before the head was quantized: a float head, no "head" in the config.

@@ -13,7 +13,9 @@ import torch
 
 from ouvert import ModelConfig, Transformer, kernels, load_tokenizer
 from ouvert.generate import generate
-from ouvert.generate.sampling import MIN_TEMPERATURE, SamplingParams, sample
+from ouvert.generate.sampling import MIN_TEMPERATURE, SamplingParams, apply_penalties, sample
+from ouvert.model import KVCache
+from ouvert.serve.cache import SlotCache
 from ouvert.serve.engine import Engine, QueueFull, Request, StopStrings
 from ouvert.serve.grammar import GrammarCompiler
 
@@ -74,9 +76,9 @@ def test_greedy_matches_generate(cfg, tok):
     model = tiny(cfg)
     engine = Engine(model, tok, max_batch=4, chunk=16)
     ps = prompts(tok)[:6]  # more prompts than slots: some wait, then join the running batch
-    outs = run(engine, [Request(p, 12, temperature=0, ignore_eos=True) for p in ps])
+    outs = run(engine, [Request(p, 12, SamplingParams(temperature=0), ignore_eos=True) for p in ps])
     for p, o in zip(ps, outs):
-        assert ids(o) == generate(model, p, 12, stop_token_ids=[])[0]
+        assert ids(o) == generate(model, p, 12, SamplingParams(stop_token_ids=[]))[0]
         assert o[-1].finish_reason == "length" and o[-1].completion_tokens == 12
 
 
@@ -95,8 +97,8 @@ def test_batch_invariance(cfg, tok):
     ps = prompts(tok)
 
     def reqs():
-        return [Request(p, 16, temperature=0.0 if i % 2 else 1.0, seed=100 + i, logprobs=0, ignore_eos=True)
-                for i, p in enumerate(ps)]
+        return [Request(p, 16, SamplingParams(temperature=0.0 if i % 2 else 1.0, seed=100 + i), logprobs=0,
+                        ignore_eos=True) for i, p in enumerate(ps)]
 
     alone = [trace(run(Engine(model, tok, max_batch=8, chunk=16), [r])[0]) for r in reqs()]
     busy = Engine(model, tok, max_batch=8, chunk=16)
@@ -107,7 +109,7 @@ def test_batch_invariance(cfg, tok):
     if kernels.available():
         assert busy.live_rows_only and busy.metrics.decode_batch_rows < busy.metrics.decode_steps * 8
     # and the seeds matter
-    other = Request(ps[0], 16, seed=999, logprobs=0, ignore_eos=True)
+    other = Request(ps[0], 16, SamplingParams(temperature=1.0, seed=999), logprobs=0, ignore_eos=True)
     assert trace(run(Engine(model, tok, max_batch=8, chunk=16), [other])[0]) != alone[0]
 
 
@@ -127,8 +129,8 @@ def test_block_models_decode_live_rows_only(tok, scheme):
     ps = prompts(tok)
 
     def reqs():
-        return [Request(p, 12, temperature=0.0 if i % 2 else 1.0, seed=100 + i, logprobs=0, ignore_eos=True)
-                for i, p in enumerate(ps)]
+        return [Request(p, 12, SamplingParams(temperature=0.0 if i % 2 else 1.0, seed=100 + i), logprobs=0,
+                        ignore_eos=True) for i, p in enumerate(ps)]
 
     def engine():
         return Engine(model, tok, max_batch=8, chunk=16)
@@ -166,11 +168,12 @@ def test_prefix_cache_is_exact(llama, tok):
     """A shared prefix is computed once, reused in whole chunks, and changes no output."""
     system = tok.encode("You are a careful assistant. " * 8)  # > 2 chunks of 16
     ps = [system + tok.encode(q, add_special_tokens=False) for q in ("What is 2+2?", "Name a colour.", "Why?")]
-    cold = [ids(run(Engine(llama, tok, max_batch=4, chunk=16), [Request(p, 8, temperature=0)])[0]) for p in ps]
+    greedy = SamplingParams(temperature=0)
+    cold = [ids(run(Engine(llama, tok, max_batch=4, chunk=16), [Request(p, 8, greedy)])[0]) for p in ps]
     engine = Engine(llama, tok, max_batch=4, chunk=16)
-    first = run(engine, [Request(ps[0], 8, temperature=0)])
+    first = run(engine, [Request(ps[0], 8, greedy)])
     assert first[0][-1].cached_tokens == 0
-    rest = run(engine, [Request(p, 8, temperature=0) for p in ps[1:]])
+    rest = run(engine, [Request(p, 8, greedy) for p in ps[1:]])
     assert [ids(first[0])] + [ids(o) for o in rest] == cold
     assert all(o[-1].cached_tokens == len(system) // 16 * 16 for o in rest)
     assert engine.metrics.prefix_cache_hits == 2
@@ -192,10 +195,12 @@ def test_cancel_frees_the_slot(llama, tok):
 def test_stop_strings_are_cut_and_held_back(llama, tok):
     """Text that may begin a stop string is held back, and the stop string never reaches the client."""
     engine = Engine(llama, tok, max_batch=2, chunk=16)
-    full = "".join(o.text for o in run(engine, [Request(tok.encode("Hello"), 24, temperature=0, ignore_eos=True)])[0])
+    prompt = tok.encode("Hello")
+    full = run(engine, [Request(prompt, 24, SamplingParams(temperature=0), ignore_eos=True)])[0]
+    full = "".join(o.text for o in full)
     stop = full[len(full) // 2 : len(full) // 2 + 3]
     assert len(stop) == 3 and stop.strip()
-    cut = run(engine, [Request(tok.encode("Hello"), 24, temperature=0, stop=[stop], ignore_eos=True)])[0]
+    cut = run(engine, [Request(prompt, 24, SamplingParams(temperature=0, stop=[stop]), ignore_eos=True)])[0]
     assert "".join(o.text for o in cut) == full[: full.index(stop)]
     assert cut[-1].finish_reason == "stop"
 
@@ -280,7 +285,8 @@ def test_submit_many_is_all_or_nothing(llama, tok):
     assert engine.queue_depth == 3
     for seed in (-1, 2**63):
         with pytest.raises(ValueError, match="seed"):
-            Engine(llama, tok, max_batch=1, chunk=16).submit(Request(p, 4, seed=seed), lambda out: None)
+            Engine(llama, tok, max_batch=1, chunk=16).submit(Request(p, 4, SamplingParams(temperature=1.0, seed=seed)),
+                                                             lambda out: None)
 
 
 def test_tiny_temperatures_are_greedy():
@@ -322,12 +328,16 @@ def test_constrained_output_closes_within_the_budget(tok, grammars):
     g = grammars.json_schema(SCHEMA)
     shortest = g.new().closing_cost()
     engine = Engine(model, tok, max_batch=4, chunk=16)
-    reqs = [Request(tok.encode("Fill the form:"), m, temperature=1.0, seed=s, grammar=g)
+    reqs = [Request(tok.encode("Fill the form:"), m, SamplingParams(temperature=1.0, seed=s), grammar=g)
             for m in (shortest + 1, 48, 80) for s in range(2)]
     for r, o in zip(reqs, run(engine, reqs)):
         text = "".join(x.text for x in o)
         jsonschema.validate(json.loads(text), SCHEMA)
         assert o[-1].finish_reason == "stop" and o[-1].completion_tokens <= r.max_tokens
+
+
+def test_slot_cache_is_a_kv_cache(llama):
+    assert isinstance(SlotCache(llama, 2, 16), KVCache)
 
 
 def test_cache_pool_is_sized_by_memory(llama, tok):
@@ -340,11 +350,10 @@ def test_cache_pool_is_sized_by_memory(llama, tok):
 
 def test_penalties_follow_openai():
     """logit - frequency * count - presence * (count > 0), on generated tokens only."""
-    from ouvert.serve.engine import apply_penalties
-
     logits = torch.tensor([1.0, 2.0, 3.0])
     counts = torch.tensor([0.0, 1.0, 3.0])
-    assert apply_penalties(logits, counts, presence=0.5, frequency=0.25).tolist() == [1.0, 1.25, 1.75]
+    params = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)
+    assert apply_penalties(logits, params, counts=counts).tolist() == [1.0, 1.25, 1.75]
 
 
 def test_a_long_prompt_does_not_stall_running_streams(llama, tok):
@@ -352,9 +361,9 @@ def test_a_long_prompt_does_not_stall_running_streams(llama, tok):
     still gets a token at every step, and the new request joins the batch when its prompt is in."""
     engine = Engine(llama, tok, max_batch=2, chunk=16, prefill_chunks=2)
     a, b = [], []
-    engine.submit(Request(tok.encode("Hi"), 40, temperature=0, ignore_eos=True), a.append)
+    engine.submit(Request(tok.encode("Hi"), 40, SamplingParams(temperature=0), ignore_eos=True), a.append)
     engine.step()
-    engine.submit(Request(list(range(1000, 1160)), 8, temperature=0, ignore_eos=True), b.append)
+    engine.submit(Request(list(range(1000, 1160)), 8, SamplingParams(temperature=0), ignore_eos=True), b.append)
     for step in range(1, 6):
         before = len(a)
         engine.step()

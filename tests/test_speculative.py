@@ -16,6 +16,7 @@ from conftest import make_hf_model, perturb
 import ouvert
 from ouvert.generate.cache import Cache
 from ouvert.generate.decode import prefill
+from ouvert.generate.sampling import SamplingParams
 from ouvert.generate.speculative import MTPDraft, accept_drafts, speculative_generate
 
 ATOL = 1e-4
@@ -63,8 +64,8 @@ def test_mtp_greedy_equals_plain_greedy(deepseek, n_prompt):
     with torch.no_grad():
         logits = deepseek(torch.tensor([p]))
     assert logits.std() > 1.0, "logits too flat: greedy would be decided by rounding noise"
-    ref = ouvert.generate(deepseek, p, N, stop_token_ids=[])[0]
-    out = speculative_generate(deepseek, p, N, "mtp", stop_token_ids=[])
+    ref = ouvert.generate(deepseek, p, N, SamplingParams(stop_token_ids=[]))[0]
+    out = speculative_generate(deepseek, p, N, "mtp", SamplingParams(stop_token_ids=[]))
     assert out.tokens == ref
     assert out.drafted == out.target_forwards - 1  # one draft per verifying forward
     # each forward makes one token of its own plus those it accepted; the last may overshoot N by one
@@ -75,7 +76,7 @@ def test_mtp_accepted_drafts_keep_greedy(deepseek, monkeypatch):
     """Random MTP weights draft almost nothing right, so the accepting path (two tokens a step,
     the MTP cache advanced by two) is forced: every other draft is replaced by the right token."""
     p = _prompt(512, 12)
-    ref = ouvert.generate(deepseek, p, N, stop_token_ids=[])[0]
+    ref = ouvert.generate(deepseek, p, N, SamplingParams(stop_token_ids=[]))[0]
     propose, calls = MTPDraft.propose, [0]
 
     def oracle(self, seq, params, generator):
@@ -87,7 +88,7 @@ def test_mtp_accepted_drafts_keep_greedy(deepseek, monkeypatch):
         return drafts, q
 
     monkeypatch.setattr(MTPDraft, "propose", oracle)
-    out = speculative_generate(deepseek, p, N, "mtp", stop_token_ids=[])
+    out = speculative_generate(deepseek, p, N, "mtp", SamplingParams(stop_token_ids=[]))
     assert out.tokens == ref
     assert out.acceptance_rate >= 0.45 and out.tokens_per_forward > 1.3
 
@@ -96,8 +97,8 @@ def test_mtp_accepted_drafts_keep_greedy(deepseek, monkeypatch):
 def test_draft_model_greedy_equals_plain_greedy(llamas, k):
     target, draft = llamas
     p = _prompt(300, 9)
-    ref = ouvert.generate(target, p, N, stop_token_ids=[])[0]
-    out = speculative_generate(target, p, N, draft, k=k, stop_token_ids=[])
+    ref = ouvert.generate(target, p, N, SamplingParams(stop_token_ids=[]))[0]
+    out = speculative_generate(target, p, N, draft, SamplingParams(stop_token_ids=[]), k=k)
     assert out.tokens == ref
     assert out.drafted == k * (out.target_forwards - 1)
     assert 0 <= out.acceptance_rate < 1  # a different model: some drafts are rejected
@@ -107,25 +108,26 @@ def test_draft_model_greedy_equals_plain_greedy(llamas, k):
 def test_target_as_its_own_draft_accepts_everything(llamas, k):
     target, _ = llamas
     p = _prompt(300, 9)
-    ref = ouvert.generate(target, p, N, stop_token_ids=[])[0]
-    out = speculative_generate(target, p, N, target, k=k, stop_token_ids=[])
+    ref = ouvert.generate(target, p, N, SamplingParams(stop_token_ids=[]))[0]
+    out = speculative_generate(target, p, N, target, SamplingParams(stop_token_ids=[]), k=k)
     assert out.tokens == ref
     assert out.acceptance_rate == 1.0
     # the prefill makes one token, each verify k + 1
     assert out.target_forwards == 1 + -(-(N - 1) // (k + 1))
     # sampling too: p == q up to rounding, so every draft is accepted
-    out = speculative_generate(target, p, N, target, k=k, temperature=1.0, seed=0, stop_token_ids=[])
+    out = speculative_generate(target, p, N, target, SamplingParams(temperature=1.0, seed=0, stop_token_ids=[]),
+                               k=k)
     assert out.acceptance_rate == 1.0 and len(out.tokens) == N
 
 
 def test_stop_token_ends_generation(llamas):
     target, draft = llamas
     p = _prompt(300, 9)
-    free = ouvert.generate(target, p, N, stop_token_ids=[])[0]
+    free = ouvert.generate(target, p, N, SamplingParams(stop_token_ids=[]))[0]
     stop = free[7]
-    ref = ouvert.generate(target, p, N, stop_token_ids=[stop])[0]
-    assert speculative_generate(target, p, N, draft, k=4, stop_token_ids=[stop]).tokens == ref
-    assert speculative_generate(target, p, N, target, k=4, stop_token_ids=[stop]).tokens == ref
+    ref = ouvert.generate(target, p, N, SamplingParams(stop_token_ids=[stop]))[0]
+    assert speculative_generate(target, p, N, draft, SamplingParams(stop_token_ids=[stop]), k=4).tokens == ref
+    assert speculative_generate(target, p, N, target, SamplingParams(stop_token_ids=[stop]), k=4).tokens == ref
 
 
 def test_sampling_path(llamas):
@@ -133,12 +135,12 @@ def test_sampling_path(llamas):
     rejections, residuals) must then give greedy's tokens. And a seed fixes the output."""
     target, draft = llamas
     p = _prompt(300, 9)
-    ref = ouvert.generate(target, p, N, stop_token_ids=[])[0]
-    out = speculative_generate(target, p, N, draft, k=3, temperature=0.8, top_k=1, seed=1, stop_token_ids=[])
+    ref = ouvert.generate(target, p, N, SamplingParams(stop_token_ids=[]))[0]
+    top1 = SamplingParams(temperature=0.8, top_k=1, seed=1, stop_token_ids=[])
+    out = speculative_generate(target, p, N, draft, top1, k=3)
     assert out.tokens == ref
-    a = speculative_generate(target, p, N, draft, k=3, temperature=1.0, seed=5, stop_token_ids=[]).tokens
-    b = speculative_generate(target, p, N, draft, k=3, temperature=1.0, seed=5, stop_token_ids=[]).tokens
-    c = speculative_generate(target, p, N, draft, k=3, temperature=1.0, seed=6, stop_token_ids=[]).tokens
+    a, b, c = (speculative_generate(target, p, N, draft, SamplingParams(temperature=1.0, seed=s, stop_token_ids=[]),
+                                    k=3).tokens for s in (5, 5, 6))
     assert a == b and a != c and len(a) == N
 
 
@@ -246,8 +248,9 @@ def test_incremental_mtp_equals_full_sequence(deepseek):
 def test_mtp_sampling_path(deepseek):
     """The MTP drafter's sampling path, made deterministic by top_k=1: greedy's tokens again."""
     p = _prompt(512, 12)
-    ref = ouvert.generate(deepseek, p, N, stop_token_ids=[])[0]
-    out = speculative_generate(deepseek, p, N, "mtp", temperature=0.7, top_k=1, seed=0, stop_token_ids=[])
+    ref = ouvert.generate(deepseek, p, N, SamplingParams(stop_token_ids=[]))[0]
+    out = speculative_generate(deepseek, p, N, "mtp",
+                               SamplingParams(temperature=0.7, top_k=1, seed=0, stop_token_ids=[]))
     assert out.tokens == ref
 
 

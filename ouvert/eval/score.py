@@ -17,7 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ouvert.generate.decode import generate, stop_ids
+from ouvert.generate.decode import generate
+from ouvert.generate.sampling import SamplingParams, stop_ids
 
 
 def prefix_id(tok) -> int:
@@ -132,12 +133,12 @@ def greedy_generate(model, tok, prompts: Sequence[str], max_new_tokens: int = 64
         raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the context")
     ids = [[prefix_id(tok), *tok.encode(p, add_special_tokens=False)][-room:] for p in prompts]
     stops = stop_ids(model, tok)
+    params = SamplingParams(temperature=temperature, seed=seed, stop_token_ids=stops, stop=tuple(stop))
     out = [""] * len(prompts)
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     for b in range(0, len(order), batch_size):
         rows = order[b : b + batch_size]
-        new = generate(model, [ids[i] for i in rows], max_new_tokens, temperature=temperature, seed=seed,
-                       stop_token_ids=stops, stop=list(stop) or None, tokenizer=tok)
+        new = generate(model, [ids[i] for i in rows], max_new_tokens, params, tokenizer=tok)
         for i, n in zip(rows, new):
             # Decode prompt + reply and take the difference: decoding the reply alone can drop a leading
             # space (SentencePiece) or split a character that straddles the boundary.

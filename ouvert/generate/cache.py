@@ -6,11 +6,12 @@ qk_rope_head_dim). All rows of a batch write at the same slot index `start`; row
 shorter are left-padded, and `valid` marks which slots hold real tokens so attention skips the
 padding. Nothing is allocated per decode step.
 
-The model talks to a cache through three calls, so another cache (the server's, with a slot per
-request) can stand in: `attention_mask(T, pad_mask, window)` once per forward, `update(layer,
-tensors, seq_dim)` in each attention layer, and `advance(T)` at the end. Speculative decoding
-also uses `rollback(n)` to forget rejected tokens, and a second cache over the first MTP module's
-block (`mtp=True`), which runs one step behind the trunk (generate/speculative.py).
+The model talks to a cache through the calls of model.KVCache, so another cache (the server's,
+with a slot per request) can stand in: `attention_mask(T, pad_mask, window)` once per forward,
+`update(layer, tensors, seq_dim)` in each attention layer, `advance(T)` at the end, and
+`positions(T)` when the caller gives none. Speculative decoding also uses `rollback(n)` to forget
+rejected tokens, and a second cache over the first MTP module's block (`mtp=True`), which runs one
+step behind the trunk (generate/speculative.py).
 """
 
 from __future__ import annotations
@@ -18,8 +19,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ouvert.model import attention_mask
+
 
 class Cache:
+    """A model.KVCache whose rows all write at one slot index, `start`."""
+
     def __init__(
         self, model, batch_size: int, max_len: int, dtype: torch.dtype | None = None, device=None, mtp: bool = False
     ):
@@ -49,8 +54,6 @@ class Cache:
     def attention_mask(self, T: int, pad_mask: Tensor | None, window: int | None) -> tuple[Tensor | None, bool]:
         """The mask for T new tokens, and whether plain causal attention over them alone is exact
         (the first chunk, no padding). Records which new slots hold real tokens."""
-        from ouvert.model import attention_mask
-
         if self.start + T > self.max_len:
             raise ValueError(f"cache is full: {self.start} + {T} tokens > max_len {self.max_len}")
         if pad_mask is not None and self.valid is None and not bool(pad_mask.all()):
@@ -65,6 +68,11 @@ class Cache:
                 return None, False  # one query sees every slot so far
         q_slot = torch.arange(self.start, S, device=self.device)
         return attention_mask(q_slot, S, self.valid, window), False
+
+    def positions(self, T: int) -> Tensor:
+        """The next T slots' positions (T,): start, start + 1, ... (left padding shifts a row's own
+        positions; prefill passes those)."""
+        return torch.arange(self.start, self.start + T, device=self.device)
 
     def advance(self, T: int) -> None:
         """Called by the model once every layer has written its T new entries."""

@@ -18,7 +18,8 @@ from torch import Tensor
 
 from ouvert import kernels
 from ouvert.generate.cache import Cache
-from ouvert.generate.sampling import SamplingParams, repetition_penalty, sample
+from ouvert.generate.sampling import Penalties, SamplingParams, sample
+from ouvert.model import KVCache
 from ouvert.quantize import BLOCK_KERNEL_MAX_ROWS, float_rows_view
 
 
@@ -36,18 +37,18 @@ def pad_left(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[Tensor,
 
 
 @torch.inference_mode()
-def prefill(model, tokens: Tensor, mask: Tensor, cache: Cache) -> tuple[Tensor, Tensor]:
+def prefill(model, tokens: Tensor, mask: Tensor, cache: KVCache) -> tuple[Tensor, Tensor]:
     """Run the prompts; returns the last position's logits (B, V) and each row's next position (B,)."""
     positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
     pad = None if bool(mask.all()) else mask
-    logits = model(tokens, positions, cache, pad, last_only=True)
+    logits = model(tokens, positions, cache, pad, logits_at=torch.tensor([-1]))  # left-padded: all end at T - 1
     return logits[:, -1], mask.sum(dim=1)
 
 
 @torch.inference_mode()
-def decode_step(model, token: Tensor, position: Tensor, cache: Cache) -> Tensor:
+def decode_step(model, token: Tensor, position: Tensor, cache: KVCache) -> Tensor:
     """One token per row: token, position (B,) -> logits (B, V)."""
-    return model(token.unsqueeze(1), position.unsqueeze(1), cache, last_only=True)[:, -1]
+    return model(token.unsqueeze(1), position.unsqueeze(1), cache)[:, -1]
 
 
 _views: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -74,7 +75,7 @@ _compiled: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _models_compiled = [0]  # in this process, ever: dynamo's cache outlives the WeakKeyDictionary's entries
 
 
-def compiled_decode_step(model) -> Callable[[Tensor, Tensor, Cache], Tensor]:
+def compiled_decode_step(model) -> Callable[[Tensor, Tensor, KVCache], Tensor]:
     """decode_step through torch.compile: the model's forward is compiled once per model (dynamic
     in batch size and cache length, so a longer context or a new prompt does not recompile), the
     first call paying for it. Prefill stays eager: it runs once per prompt, in large matmuls that
@@ -92,7 +93,7 @@ def compiled_decode_step(model) -> Callable[[Tensor, Tensor, Cache], Tensor]:
         config.recompile_limit = max(config.recompile_limit, 8 + 2 * _models_compiled[0])
         entry = _compiled[model] = {"fn": torch.compile(model, dynamic=True), "ok": True}
 
-    def step(token: Tensor, position: Tensor, cache: Cache) -> Tensor:
+    def step(token: Tensor, position: Tensor, cache: KVCache) -> Tensor:
         if entry["ok"]:
             with torch.inference_mode():  # inputs always inference tensors: one set of guards, no recompile
                 token, position = token.clone(), position.clone()
@@ -107,11 +108,6 @@ def compiled_decode_step(model) -> Callable[[Tensor, Tensor, Cache], Tensor]:
     return step
 
 
-def stop_ids(model, tok) -> list[int]:
-    """The tokenizer's stop tokens, then the model config's eos ids it lacks: what ends a reply."""
-    return list(dict.fromkeys([*tok.stop_token_ids, *model.config.stop_token_ids]))
-
-
 def _as_batch(prompts) -> list[list[int]]:
     if isinstance(prompts, Tensor):
         prompts = prompts.tolist()
@@ -124,21 +120,16 @@ def stream(
     model,
     prompts: Sequence[int] | Sequence[Sequence[int]] | Tensor,
     max_new_tokens: int = 64,
+    params: SamplingParams | None = None,
     *,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    min_p: float = 0.0,
-    repetition_penalty_: float = 1.0,
-    seed: int | None = None,
-    stop_token_ids: Sequence[int] | None = None,
-    stop: Sequence[str] | None = None,
     tokenizer=None,
     compile: bool = False,
 ) -> Iterator[list[int | None]]:
     """Yield, per step, one new token per prompt (None for rows that have already stopped).
-    compile: decode through compiled_decode_step."""
-    params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty_)
+    params: greedy by default; stop tokens default to the config's eos ids; stop strings need the
+    tokenizer. A seed gives row i its own generator seeded seed + i. compile: decode through
+    compiled_decode_step."""
+    params = params or SamplingParams()
     batch = _as_batch(prompts)
     B = len(batch)
     cfg = model.config
@@ -148,13 +139,14 @@ def stream(
         raise ValueError(
             f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context length {ctx}"
         )
+    stop = params.stop
     if stop and tokenizer is None:
         raise ValueError("stop strings need a tokenizer")
-    stops = set(cfg.stop_token_ids if stop_token_ids is None else stop_token_ids)
+    stops = params.stop_set(cfg.stop_token_ids)
     device = model.embed_tokens.weight.device
     generators = None
-    if seed is not None and not params.greedy:
-        generators = [torch.Generator(device=device).manual_seed(seed + i) for i in range(B)]
+    if params.seed is not None and not params.greedy:
+        generators = [torch.Generator(device=device).manual_seed(params.seed + i) for i in range(B)]
 
     tokens, mask = pad_left(batch)
     tokens, mask = tokens.to(device), mask.to(device)
@@ -162,17 +154,12 @@ def stream(
     stepper = decode_model(model, B)
     decode = compiled_decode_step(stepper) if compile else functools.partial(decode_step, stepper)
     logits, position = prefill(model, tokens, mask, cache)
-    seen = None
-    if params.repetition_penalty != 1.0:
-        seen = torch.zeros(B, logits.shape[-1], dtype=torch.bool, device=device)
-        seen.scatter_(1, tokens, mask)
+    penalties = Penalties(params, tokens, mask, logits.shape[-1])
     decoders = [tokenizer.stream() for _ in range(B)] if stop else None
     texts = [""] * B
     done = [False] * B
     for step in range(max_new_tokens):
-        if seen is not None:
-            logits = repetition_penalty(logits, seen, params.repetition_penalty)
-        nxt = sample(logits, params, generators)
+        nxt = sample(penalties.apply(logits), params, generators)
         ids = nxt.tolist()
         out: list[int | None] = []
         for i, t in enumerate(ids):
@@ -190,8 +177,7 @@ def stream(
         yield out
         if all(done) or step == max_new_tokens - 1:
             return
-        if seen is not None:
-            seen.scatter_(1, nxt.unsqueeze(1), True)
+        penalties.observe(nxt)
         logits = decode(nxt, position, cache)
         position = position + 1
 
@@ -200,29 +186,18 @@ def generate(
     model,
     prompts: Sequence[int] | Sequence[Sequence[int]] | Tensor,
     max_new_tokens: int = 64,
+    params: SamplingParams | None = None,
     *,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    min_p: float = 0.0,
-    repetition_penalty: float = 1.0,
-    seed: int | None = None,
-    stop_token_ids: Sequence[int] | None = None,
-    stop: Sequence[str] | None = None,
     tokenizer=None,
     on_token: Callable[[list[int | None]], None] | None = None,
     compile: bool = False,
 ) -> list[list[int]]:
     """Generate up to max_new_tokens for one prompt (a list of ids) or a batch of prompts of any
-    lengths. temperature 0 is greedy. Returns the new ids, one list per prompt. `on_token` is
-    called with each step's tokens, for streaming. Stop tokens default to the config's eos ids.
-    compile: decode through torch.compile (compiled_decode_step), same tokens in float32."""
+    lengths, sampled as params says (greedy by default; see stream). Returns the new ids, one list
+    per prompt. `on_token` is called with each step's tokens, for streaming. compile: decode through
+    torch.compile (compiled_decode_step), same tokens in float32."""
     outs: list[list[int]] = [[] for _ in _as_batch(prompts)]
-    for step in stream(
-        model, prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-        repetition_penalty_=repetition_penalty, seed=seed, stop_token_ids=stop_token_ids, stop=stop,
-        tokenizer=tokenizer, compile=compile,
-    ):
+    for step in stream(model, prompts, max_new_tokens, params, tokenizer=tokenizer, compile=compile):
         for o, t in zip(outs, step):
             if t is not None:
                 o.append(t)

@@ -1,11 +1,13 @@
-"""Turning logits into the next token: penalties, temperature, top-k, top-p, min-p.
+"""Turning logits into the next token: penalties, temperature, top-k, top-p, min-p; and when to stop.
 
 The order is transformers' (penalty, temperature, top-k, top-p, min-p). Each batch row may have
-its own torch.Generator, so a request's samples depend on its seed alone.
+its own torch.Generator, so a request's samples depend on its seed alone. `SamplingParams` is the
+one description of a request's sampling that generate, speculative decoding and the server share.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -18,11 +20,18 @@ MIN_TEMPERATURE = 1e-5
 
 @dataclass
 class SamplingParams:
+    """How each next token is chosen, and which tokens or strings end the output."""
+
     temperature: float = 0.0  # 0 (below MIN_TEMPERATURE) means greedy
     top_k: int = 0  # 0 means off
     top_p: float = 1.0
     min_p: float = 0.0
     repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or output (CTRL paper)
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from every token generated so far
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted once per time a token was generated
+    seed: int | None = None  # None: generate draws from torch's global generator, the server picks one at random
+    stop_token_ids: Sequence[int] | None = None  # None: the caller's default (see stop_set)
+    stop: Sequence[str] = ()  # stop strings; generate needs a tokenizer to find them
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -40,11 +49,68 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < MIN_TEMPERATURE
 
+    @property
+    def penalised(self) -> bool:
+        """Whether any penalty is on."""
+        return self.repetition_penalty != 1.0 or bool(self.presence_penalty) or bool(self.frequency_penalty)
 
-def repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
-    """Divide positive logits (multiply negative ones) of tokens in `seen` (B, V) bool by penalty."""
-    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
-    return torch.where(seen, penalised, logits)
+    def stop_set(self, default: Sequence[int]) -> set[int]:
+        """The token ids that end the output: stop_token_ids, or the caller's default when None."""
+        return set(default if self.stop_token_ids is None else self.stop_token_ids)
+
+
+def stop_ids(model, tok) -> list[int]:
+    """The tokenizer's stop tokens, then the model config's eos ids it lacks: what ends a reply."""
+    return list(dict.fromkeys([*tok.stop_token_ids, *model.config.stop_token_ids]))
+
+
+# ---- penalties ----------------------------------------------------------------------------------
+
+
+def apply_penalties(logits: Tensor, params: SamplingParams, seen: Tensor | None = None,
+                    counts: Tensor | None = None) -> Tensor:
+    """logits (..., V) with the penalties of params: CTRL's repetition penalty divides the positive
+    logits (multiplies the negative ones) of the tokens in `seen` (..., V) bool, prompt and output
+    as transformers does; then OpenAI's presence and frequency penalties over the `counts` (..., V)
+    of tokens generated so far: logit - frequency * count - presence * (count > 0)."""
+    p = params.repetition_penalty
+    if seen is not None and p != 1.0:
+        logits = torch.where(seen, torch.where(logits > 0, logits / p, logits * p), logits)
+    if counts is not None:
+        logits = logits - counts * params.frequency_penalty - (counts > 0).to(logits.dtype) * params.presence_penalty
+    return logits
+
+
+class Penalties:
+    """What the penalties of params remember of B rows: the tokens each has seen (prompt and output,
+    for the repetition penalty) and how often it generated each (presence and frequency). Holds
+    nothing, and changes nothing, for penalties that are off."""
+
+    def __init__(self, params: SamplingParams, prompts: Tensor, mask: Tensor | None, vocab_size: int):
+        """prompts (B, T) token ids; mask (B, T), False where a prompt is padding (None: no padding)."""
+        B, device = prompts.shape[0], prompts.device
+        self.params = params
+        self.seen: Tensor | None = None
+        self.counts: Tensor | None = None
+        if params.repetition_penalty != 1.0:
+            self.seen = torch.zeros(B, vocab_size, dtype=torch.bool, device=device)
+            self.seen.scatter_(1, prompts, True if mask is None else mask)
+        if params.presence_penalty or params.frequency_penalty:
+            self.counts = torch.zeros(B, vocab_size, device=device)
+
+    def apply(self, logits: Tensor) -> Tensor:
+        """logits (B, V) -> penalised logits (B, V)."""
+        return apply_penalties(logits, self.params, self.seen, self.counts)
+
+    def observe(self, tokens: Tensor) -> None:
+        """Record each row's new token, tokens (B,)."""
+        if self.seen is not None:
+            self.seen.scatter_(1, tokens.view(-1, 1), True)
+        if self.counts is not None:
+            self.counts.scatter_add_(1, tokens.view(-1, 1), torch.ones_like(self.counts[:, :1]))
+
+
+# ---- sampling -----------------------------------------------------------------------------------
 
 
 def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> Tensor:

@@ -15,7 +15,7 @@ whose tokens are distributed as the target's own (tempered and filtered) distrib
 target's cache is rolled back over the rejected drafts; so is the draft model's.
 
 Where this departs from the papers' setting: batch size 1 only (rows of a batch would accept
-different numbers of tokens, while a Cache writes all rows at one slot); no repetition penalty and
+different numbers of tokens, while a Cache writes all rows at one slot); no penalties and
 no stop strings (stop tokens are honoured); the MTP drafter uses the first depth only.
 """
 
@@ -149,7 +149,8 @@ class DraftModel:
         self.cache.rollback(len(self.cached) - n)
         self.cached = seq[:]
         device = self.model.embed_tokens.weight.device
-        logits = self.model(torch.tensor([seq[n:]], device=device), None, self.cache, last_only=True)[0, -1]
+        new = torch.tensor([seq[n:]], device=device)
+        logits = self.model(new, None, self.cache, logits_at=torch.tensor([-1]))[0, -1]
         drafts, qs = [], []
         for i in range(self.k):
             tok, q = _pick(logits, params, generator)
@@ -175,21 +176,19 @@ def speculative_generate(
     prompt: Sequence[int],
     max_new_tokens: int = 64,
     draft="mtp",
+    params: SamplingParams | None = None,
     *,
     k: int = 4,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    min_p: float = 0.0,
-    seed: int | None = None,
-    stop_token_ids: Sequence[int] | None = None,
     on_token: Callable[[list[int]], None] | None = None,
 ) -> SpeculativeOutput:
     """Generate up to max_new_tokens for one prompt (a list of ids), drafting with the model's own
     MTP module (draft="mtp") or with a draft model (a Transformer of the same vocabulary) that
-    proposes k tokens per step. temperature 0 is greedy and gives `generate`'s tokens. `on_token`
-    is called with each step's new tokens, for streaming. Stop tokens default to the config's."""
-    params = SamplingParams(temperature, top_k, top_p, min_p)
+    proposes k tokens per step. params: greedy by default, which gives `generate`'s tokens; stop
+    tokens default to the config's; no penalties or stop strings (module docstring). `on_token` is
+    called with each step's new tokens, for streaming."""
+    params = params or SamplingParams()
+    if params.penalised or params.stop:
+        raise ValueError("speculative decoding takes no penalties and no stop strings")
     prompt = prompt.tolist() if isinstance(prompt, Tensor) else list(prompt)
     if not prompt or not all(isinstance(t, int) for t in prompt):
         raise ValueError("speculative decoding takes one prompt, a non-empty list of token ids (batch size 1)")
@@ -198,11 +197,11 @@ def speculative_generate(
         raise ValueError(
             f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context length {ctx}"
         )
-    stops = set(model.config.stop_token_ids if stop_token_ids is None else stop_token_ids)
+    stops = params.stop_set(model.config.stop_token_ids)
     device = model.embed_tokens.weight.device
     generator = None
-    if seed is not None and not params.greedy:
-        generator = torch.Generator(device=device).manual_seed(seed)
+    if params.seed is not None and not params.greedy:
+        generator = torch.Generator(device=device).manual_seed(params.seed)
     # The target writes up to k drafts past the last kept token before rolling back.
     max_len = len(prompt) + max_new_tokens + k + 1
     if isinstance(draft, str):
@@ -213,7 +212,8 @@ def speculative_generate(
         drafter = DraftModel(draft, model, k, max_len)
 
     cache = Cache(model, 1, max_len)
-    logits, hidden = model(torch.tensor([prompt], device=device), None, cache, last_only=True, return_hidden=True)
+    logits, hidden = model(torch.tensor([prompt], device=device), None, cache, logits_at=torch.tensor([-1]),
+                           return_hidden=True)
     first, _ = _pick(logits[0, -1], params, generator)
     out = SpeculativeOutput(target_forwards=1)
     seq, new = prompt + [first], [first]

@@ -1,8 +1,8 @@
 """The server's attention cache: one slot (a batch row) per request, each at its own length.
 
-It stands in for generate.cache.Cache through the same three calls the model makes
-(`attention_mask`, `update`, `advance`), but where that cache writes every row at one shared
-index, here the engine plans each forward first (`plan`): which rows take part, where each new
+It stands in for generate.cache.Cache through the calls the model makes (model.KVCache:
+`attention_mask`, `update`, `advance`, `positions`), but where that cache writes every row at one
+shared index, here the engine plans each forward first (`plan`): which rows take part, where each new
 token is written, and the mask. Buffers come from each layer's `self_attn.new_cache`, so GQA
 (K and V) and MLA (one latent) models use it alike.
 
@@ -36,6 +36,8 @@ class Plan:
 
 
 class SlotCache:
+    """A model.KVCache with a slot per request, each at its own length; forwards are planned first."""
+
     def __init__(self, model, n_slots: int, length: int, dtype: torch.dtype | None = None, device=None):
         dtype, device = dtype or model.dtype, device or model.embed_tokens.weight.device
         self.n_slots, self.length, self.device = n_slots, length, device
@@ -65,14 +67,21 @@ class SlotCache:
             raise RuntimeError("SlotCache.plan: the previous forward did not finish")
         self._plan = Plan(lo, hi, pos, mask, n_new)
 
-    # ---- the three calls the model makes ---------------------------------------------------
+    # ---- the calls the model makes (model.KVCache) -----------------------------------------
 
-    def attention_mask(self, T: int, pad_mask: Tensor | None, window: int | None) -> tuple[Tensor, bool]:
-        """The planned mask (window and padding are already in it: the engine builds it)."""
+    def _planned(self, T: int) -> Plan:
         p = self._plan
         if p is None or p.pos.shape[1] != T:
             raise RuntimeError("SlotCache: forward without a matching plan")
-        return p.mask, False
+        return p
+
+    def attention_mask(self, T: int, pad_mask: Tensor | None, window: int | None) -> tuple[Tensor, bool]:
+        """The planned mask (window and padding are already in it: the engine builds it)."""
+        return self._planned(T).mask, False
+
+    def positions(self, T: int) -> Tensor:
+        """The planned slot indices (B, T), which are the positions (a slot holds no padding)."""
+        return self._planned(T).pos
 
     def update(self, layer: int, new: tuple[Tensor, ...], seq_dim: int) -> tuple[Tensor, ...]:
         p = self._plan

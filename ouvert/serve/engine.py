@@ -53,8 +53,8 @@ import torch
 from torch import Tensor
 
 from ouvert import kernels
-from ouvert.generate.sampling import SamplingParams, sample
-from ouvert.model import Experts, MLAttention, Router
+from ouvert.generate.sampling import Penalties, SamplingParams, sample, stop_ids
+from ouvert.model import Experts, MLAttention, Router, attention_mask
 from ouvert.quantize import (
     BLOCK_KERNEL_MAX_ROWS,
     BlockExperts,
@@ -135,20 +135,14 @@ def _failure(s: str) -> list[int]:
 
 @dataclass
 class Request:
-    """One completion to generate. temperature 0 is greedy; logprobs None is off, k >= 0 gives the
+    """One completion to generate. params: how to sample and when to stop, by default OpenAI's
+    (temperature 1; stop token ids None are the engine's). logprobs None is off, k >= 0 gives the
     chosen token's log-probability and the k most likely."""
 
     prompt: list[int]
     max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    params: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=1.0))
     logit_bias: dict[int, float] | None = None
-    stop: list[str] = field(default_factory=list)
     logprobs: int | None = None
     grammar: Grammar | None = None
     ignore_eos: bool = False
@@ -188,12 +182,6 @@ class Handle:
 
     def cancel(self) -> None:
         self.cancelled = True
-
-
-def apply_penalties(logits: Tensor, counts: Tensor, presence: float, frequency: float) -> Tensor:
-    """OpenAI's presence and frequency penalties over the counts (V,) of tokens generated so far:
-    logit - frequency * count - presence * (count > 0)."""
-    return logits - counts * frequency - (counts > 0).to(logits.dtype) * presence
 
 
 def _on_cpu(model) -> bool:
@@ -261,12 +249,14 @@ class _Seq:
         self.cached = 0  # prompt tokens taken from the prefix cache
         self.generated = 0
         self.next_token: int | None = None  # sampled, not yet in the cache
-        self.params = SamplingParams(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, min_p=req.min_p)
-        seed = req.seed if req.seed is not None else int.from_bytes(os.urandom(7), "little")
+        self.params = params = req.params
+        seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(7), "little")
         self.generator = torch.Generator(device=engine.device).manual_seed(seed)
-        self.counts = None
-        if req.presence_penalty or req.frequency_penalty:
-            self.counts = torch.zeros(engine.vocab_size, device=engine.device)
+        self.stop_ids = params.stop_set(engine.stop_token_ids)
+        self.penalties = None
+        if params.penalised:
+            prompt = torch.tensor([req.prompt], device=engine.device)
+            self.penalties = Penalties(params, prompt, None, engine.vocab_size)
         self.bias = None
         if req.logit_bias:
             self.bias = torch.zeros(engine.vocab_size, device=engine.device)
@@ -274,7 +264,7 @@ class _Seq:
                 self.bias[t] = b
         self.constraint = req.grammar.new() if req.grammar is not None else None
         self.decoder = engine.tokenizer.stream(skip_special_tokens=True)
-        self.stops = StopStrings(req.stop)  # holds decoded text not sent yet (it may begin a stop string)
+        self.stops = StopStrings(list(params.stop))  # holds decoded text not sent yet (it may begin a stop string)
         self.t_submit = time.perf_counter()
         self.t_first: float | None = None
 
@@ -336,10 +326,7 @@ class Engine:
             )
         self.context_length = length
         self.cache = SlotCache(model, max_batch, _round_up(length, chunk))
-        if stop_token_ids is None:
-            stop_token_ids = list(dict.fromkeys([*tokenizer.stop_token_ids, *cfg.stop_token_ids]))
-        self.stop_token_ids = stop_token_ids
-        self._stops = set(stop_token_ids)
+        self.stop_token_ids = stop_ids(model, tokenizer) if stop_token_ids is None else stop_token_ids
         self.window = cfg.sliding_window
         self.pad_id = tokenizer.pad_token_id or 0
 
@@ -388,8 +375,8 @@ class Engine:
             raise ValueError("max_tokens must be at least 1")
         if max(req.prompt) >= self.vocab_size or min(req.prompt) < 0:
             raise ValueError(f"prompt token ids must be in [0, {self.vocab_size}) (the model's vocabulary)")
-        if req.seed is not None and not 0 <= req.seed <= SEED_MAX:
-            raise ValueError(f"seed must be in [0, {SEED_MAX}], got {req.seed}")
+        if req.params.seed is not None and not 0 <= req.params.seed <= SEED_MAX:
+            raise ValueError(f"seed must be in [0, {SEED_MAX}], got {req.params.seed}")
 
     def start(self) -> None:
         """Step the engine on a thread of its own until stop()."""
@@ -503,14 +490,6 @@ class Engine:
             self.metrics.prefix_cache_hits += 1
             self.metrics.prefix_cache_tokens += best
 
-    def _mask(self, q: Tensor, S: int) -> Tensor:
-        """(B, T) query positions -> (B, 1, T, S): causal, within the sliding window."""
-        k = torch.arange(S, device=self.device)
-        m = k <= q.unsqueeze(-1)
-        if self.window is not None:
-            m = m & (k > q.unsqueeze(-1) - self.window)
-        return m.unsqueeze(1)
-
     def _prefill_chunk(self, seq: _Seq) -> None:
         c, P = self.chunk, seq.pos
         real = seq.tokens[P : min(P + c, seq.n_prompt)]
@@ -518,14 +497,13 @@ class Engine:
         tokens = torch.full((1, c), self.pad_id, dtype=torch.long, device=self.device)
         tokens[0, :n] = torch.tensor(real, device=self.device)
         pos = torch.arange(P, P + c, device=self.device).unsqueeze(0)  # (1, c)
-        self.cache.plan(seq.slot, seq.slot + 1, pos, self._mask(pos, P + c), [n])
-        _, h = self.model(tokens, pos, self.cache, last_only=True, return_hidden=True)
+        self.cache.plan(seq.slot, seq.slot + 1, pos, attention_mask(pos, P + c, None, self.window), [n])
+        logits = self.model(tokens, pos, self.cache, logits_at=torch.tensor([n - 1]))  # (1, 1, V): the last real token
         seq.pos += n
         self.slot_tokens[seq.slot] = seq.tokens[: seq.pos]
         if seq.pos == seq.n_prompt:
             self.prefilling.popleft()
-            logits = self.model.lm_head(self.model.norm(h[0, n - 1 : n]))  # (1, V) at the last prompt token
-            self._next_or_fail(seq, logits[0])
+            self._next_or_fail(seq, logits[0, 0])
 
     def _decode(self) -> None:
         rows = [(b, s) for b, s in enumerate(self.slots) if s is not None and s.decoding]
@@ -539,10 +517,10 @@ class Engine:
         active = torch.zeros(B, dtype=torch.bool)
         active[[b for b, _ in rows]] = True
         positions = torch.where(active.unsqueeze(1), write, 0)
-        mask = self._mask(positions.to(self.device), S)
+        mask = attention_mask(positions.to(self.device), S, None, self.window)  # (B, 1, 1, S)
         mask[~active.to(self.device), 0, 0] = torch.arange(S, device=self.device) == 0  # idle rows see index 0
         self.cache.plan(0, B, write.to(self.device), mask, active.long().tolist())
-        logits = self.model(tokens.to(self.device), positions.to(self.device), self.cache, last_only=True)[:, 0]
+        logits = self.model(tokens.to(self.device), positions.to(self.device), self.cache)[:, 0]
         self.metrics.decode_steps += 1
         self.metrics.decode_rows += len(rows)
         self.metrics.decode_batch_rows += B
@@ -568,10 +546,10 @@ class Engine:
         lp = torch.log_softmax(x, dim=-1) if req.logprobs is not None else None
         if seq.bias is not None:
             x = x + seq.bias
-        if seq.counts is not None:
-            x = apply_penalties(x, seq.counts, req.presence_penalty, req.frequency_penalty)
+        if seq.penalties is not None:
+            x = seq.penalties.apply(x.unsqueeze(0))[0]
         if req.ignore_eos and seq.constraint is None:  # a grammar decides itself when the end may come
-            x[list(self._stops)] = float("-inf")
+            x[list(seq.stop_ids)] = float("-inf")
         token = None
         if seq.constraint is not None:
             token = seq.constraint.choose(req.max_tokens - seq.generated)  # set when the budget says close now
@@ -585,7 +563,7 @@ class Engine:
             seq.t_first = time.perf_counter()
             self.metrics.observe_ttft(seq.t_first - seq.t_submit)
 
-        if token in self._stops and not req.ignore_eos:
+        if token in seq.stop_ids and not req.ignore_eos:
             self._finish(seq, "stop")
             return
         entry = None
@@ -597,8 +575,8 @@ class Engine:
             entry = TokenLogprob(token, self.tokenizer.decode([token]), float(lp[token]), top)
         seq.tokens.append(token)
         seq.next_token = token
-        if seq.counts is not None:
-            seq.counts[token] += 1
+        if seq.penalties is not None:
+            seq.penalties.observe(torch.tensor([token], device=self.device))
         if seq.constraint is not None:
             seq.constraint.accept(token)
         text, stopped = self._text(seq, seq.decoder.push(token))

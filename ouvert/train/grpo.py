@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ouvert.data import DataError
-from ouvert.generate import generate
+from ouvert.generate import SamplingParams, generate
 from ouvert.train.lora import lora_modules
 from ouvert.train.objectives import read_jsonl, token_logprobs
 from ouvert.train.preference import adapters_off
@@ -173,8 +173,9 @@ class GRPOTask:
         prompts = [self.prompt_ids(ex) for ex in examples for _ in range(G)]
         was_training = self.policy.training
         self.policy.eval()
-        outs = generate(self.policy, prompts, c.max_new_tokens, temperature=c.rollout_temperature,
-                        seed=c.seed * 100_003 + self.round, stop_token_ids=self.tok.stop_token_ids)
+        params = SamplingParams(temperature=c.rollout_temperature, seed=c.seed * 100_003 + self.round,
+                                stop_token_ids=self.tok.stop_token_ids)
+        outs = generate(self.policy, prompts, c.max_new_tokens, params)
         self.policy.train(was_training)
         self.round += 1
         texts = [self.tok.decode(o, skip_special_tokens=True) for o in outs]
@@ -241,7 +242,8 @@ def accuracy(model, tok, examples: list[dict], max_new_tokens: int, prompt_ids, 
     right = 0
     for i in range(0, len(examples), batch):
         chunk = examples[i : i + batch]
-        outs = generate(model, [prompt_ids(e) for e in chunk], max_new_tokens, stop_token_ids=tok.stop_token_ids)
+        outs = generate(model, [prompt_ids(e) for e in chunk], max_new_tokens,
+                        SamplingParams(stop_token_ids=tok.stop_token_ids))
         right += sum(score(tok.decode(o, skip_special_tokens=True), e) for o, e in zip(outs, chunk))
     model.train(was)
     return right / len(examples)
