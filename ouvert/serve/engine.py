@@ -76,6 +76,33 @@ class QueueFull(Exception):
     """The waiting queue is at max_queue."""
 
 
+class InvalidRequest(ValueError):
+    """A request the engine can never serve. `param` names the Request field at fault ("n" when more
+    requests come at once than the queue holds), for a caller that answers in its own fields' names."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+class ContextTooLong(InvalidRequest):
+    """The prompt, or the prompt and max_tokens, do not fit in a slot's context_length. param is
+    "prompt" when the prompt alone fills it, else "max_tokens"; `explain` words it with the caller's
+    names for those two fields."""
+
+    def __init__(self, prompt_tokens: int, max_tokens: int, context_length: int):
+        self.prompt_tokens, self.max_tokens, self.context_length = prompt_tokens, max_tokens, context_length
+        super().__init__(self.explain(), "prompt" if prompt_tokens >= context_length else "max_tokens")
+
+    def explain(self, prompt: str = "prompt", max_tokens: str = "max_tokens") -> str:
+        ctx, n = self.context_length, self.prompt_tokens
+        if n >= ctx:
+            return f"This model's maximum context length is {ctx} tokens; the {prompt} take {n} tokens."
+        return (f"This model's maximum context length is {ctx} tokens; you asked for {n + self.max_tokens} "
+                f"({n} in the {prompt}, {self.max_tokens} in the completion). Lower {max_tokens} or shorten "
+                f"the {prompt}.")
+
+
 SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit integer
 
 
@@ -348,9 +375,10 @@ class Engine:
 
     def submit_many(self, reqs: list[Request], on_outputs: list[Callable[[Output], None]]) -> list[Handle]:
         """Queue requests all at once or none: QueueFull when the queue has no room for all of them now,
-        ValueError when it never could (more of them than max_queue) or a request is invalid."""
+        InvalidRequest when it never could (more of them than max_queue) or a request is invalid."""
         if len(reqs) > self.max_queue:
-            raise ValueError(f"{len(reqs)} completions in one request; the server queues at most {self.max_queue}")
+            raise InvalidRequest(f"This request asks for {len(reqs)} completions; this server queues at most "
+                                 f"{self.max_queue}.", "n")
         for req in reqs:
             self._check(req)
         handles = [Handle(f) for f in on_outputs]
@@ -364,19 +392,21 @@ class Engine:
         return handles
 
     def _check(self, req: Request) -> None:
+        """Raise InvalidRequest, naming the field, if the engine can never serve req: the one place a
+        request's fields are checked against the model and the cache (the API relies on it)."""
         if not req.prompt:
-            raise ValueError("the prompt is empty")
+            raise InvalidRequest("the prompt is empty", "prompt")
         if len(req.prompt) + req.max_tokens > self.context_length:
-            raise ValueError(
-                f"prompt ({len(req.prompt)} tokens) + max_tokens ({req.max_tokens}) exceeds the context "
-                f"length {self.context_length}"
-            )
+            raise ContextTooLong(len(req.prompt), req.max_tokens, self.context_length)
         if req.max_tokens < 1:
-            raise ValueError("max_tokens must be at least 1")
+            raise InvalidRequest("max_tokens must be at least 1", "max_tokens")
         if max(req.prompt) >= self.vocab_size or min(req.prompt) < 0:
-            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size}) (the model's vocabulary)")
+            raise InvalidRequest(f"prompt token ids must be in [0, {self.vocab_size}) (the model's vocabulary)",
+                                 "prompt")
+        if req.logit_bias and any(not 0 <= t < self.vocab_size for t in req.logit_bias):
+            raise InvalidRequest(f"logit_bias: token ids must be in [0, {self.vocab_size})", "logit_bias")
         if req.params.seed is not None and not 0 <= req.params.seed <= SEED_MAX:
-            raise ValueError(f"seed must be in [0, {SEED_MAX}], got {req.params.seed}")
+            raise InvalidRequest(f"seed must be in [0, {SEED_MAX}], got {req.params.seed}", "seed")
 
     def start(self) -> None:
         """Step the engine on a thread of its own until stop()."""
