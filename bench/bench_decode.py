@@ -65,6 +65,7 @@ from pathlib import Path
 import torch
 
 import ouvert
+from ouvert.checkpoint.base import num_params
 from ouvert.config import ModelConfig
 from ouvert.generate.cache import Cache
 from ouvert.generate.decode import prefill
@@ -555,7 +556,7 @@ def bench_shape(name: str, cfg: ModelConfig, args, machine: Machine, extra=None)
                 res.update(extra(models, dtype))
             rows.append({
                 "shape": name, "dtype": dtype, "quant": quant or "none", "compile": compiled,
-                "params": cfg.num_params(),
+                "params": num_params(cfg),
                 "new_tokens": args.new_tokens, **res,
                 "decode_bytes_per_token": decode_bytes_per_token(cfg, DTYPES[dtype], mean_context, quant),
                 "prefill_flops_per_token": prefill_flops_per_token(cfg, args.prompt_len),

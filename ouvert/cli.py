@@ -13,27 +13,31 @@ from pathlib import Path
 
 import torch
 
-from ouvert.card import add_card_parsers
-from ouvert.checkpoint.gguf import add_export_parser
-from ouvert.checkpoint.hf import DTYPES
+from ouvert.card import add_card_parsers, describe
+from ouvert.checkpoint import io, manifest
+from ouvert.checkpoint.base import DTYPES, CheckpointError
+from ouvert.checkpoint.gguf.codec import TYPES
+from ouvert.config import ConfigError, preset
+from ouvert.data import expand_inputs, prepare
+from ouvert.eval.run import cmd_eval as run_eval
+from ouvert.generate.decode import stream
 from ouvert.generate.sampling import SamplingParams, stop_ids
-from ouvert.quantize import add_quantize_parser
+from ouvert.generate.speculative import speculative_generate
+from ouvert.model import Transformer
+from ouvert.quantize import BLOCK_SCHEMES, check_scheme, describe_quantization, quantize_model
 from ouvert.serve.cli import add_serve_parser
 from ouvert.threads import configure_threads
+from ouvert.tokenizer import TokenizerError, train_tokenizer
+from ouvert.train.__main__ import main as train_main
 from ouvert.train.reproduce import add_reproduce_parser
 
 # Commands that run a model long enough for a busy machine to matter (configure_threads's hint).
 _COMPUTE_COMMANDS = {"generate", "chat", "serve", "train", "eval", "reproduce"}
 
 
-def _load(args) -> tuple:
-    from ouvert import load_model, load_tokenizer
-
-    model = load_model(args.model, dtype=DTYPES.get(args.dtype))
-    tok_dir = Path(args.tokenizer or args.model)
-    if tok_dir.suffix != ".gguf" and not (tok_dir / "tokenizer.json").is_file():
-        raise ValueError(f"{tok_dir}: no tokenizer.json; pass --tokenizer DIR")
-    return model, load_tokenizer(tok_dir)
+def load(args) -> tuple:
+    """The model and tokenizer a command's --model, --tokenizer and --dtype name."""
+    return io.load(args.model, args.tokenizer, DTYPES.get(args.dtype))
 
 
 class Timing:
@@ -76,8 +80,6 @@ def _sampling_params(args, model, tok, **more) -> SamplingParams:
 
 def _tokens(model, tok, ids: list[int], args) -> Iterator[int]:
     """The new tokens of one reply, as they are sampled."""
-    from ouvert.generate import stream
-
     params = _sampling_params(args, model, tok, repetition_penalty=args.repetition_penalty)
     for step in stream(model, ids, args.max_new_tokens, params, compile=args.compile):
         if step[0] is None:
@@ -124,7 +126,7 @@ def prompt_ids(tok, prompt: str, chat: bool = False) -> list[int]:
 
 
 def cmd_generate(args) -> None:
-    model, tok = _load(args)
+    model, tok = load(args)
     ids = prompt_ids(tok, args.prompt, args.chat)
     if not args.chat:
         print(args.prompt, end="", flush=True)
@@ -140,10 +142,7 @@ def cmd_generate(args) -> None:
 
 def _speculative_reply(model, tok, ids: list[int], args) -> Timing:
     """As print_reply, drafting with the model's MTP module or a draft model (generate/speculative.py)."""
-    from ouvert import load_model
-    from ouvert.generate.speculative import speculative_generate
-
-    draft = "mtp" if args.speculative == "mtp" else load_model(args.speculative, dtype=DTYPES.get(args.dtype))
+    draft = "mtp" if args.speculative == "mtp" else io.load_model(args.speculative, dtype=DTYPES.get(args.dtype))
     dec = tok.stream(skip_special_tokens=True)
     timing = Timing(len(ids))  # after loading the draft model, which is no part of the prompt pass
 
@@ -194,52 +193,12 @@ def chat_loop(
 
 
 def cmd_chat(args) -> None:
-    model, tok = _load(args)
+    model, tok = load(args)
     chat_loop(tok, lambda ids: _tokens(model, tok, ids, args), args.system)
 
 
-def describe(model) -> list[tuple[str, str]]:
-    """Rows of `ouvert info`."""
-    from ouvert.quantize import describe_quantization, quantized_numel
-
-    c = model.config
-    params = sum(p.numel() for p in model.parameters()) + quantized_numel(model)  # int8 / int4: buffers
-    rows = [
-        ("architecture", c.model_type),
-        ("parameters", f"{params:,} ({params / 1e6:.1f}M)"),
-        ("dtype", str(model.dtype).removeprefix("torch.")),  # activations (and float weights)
-        ("context length", f"{c.max_position_embeddings:,}"),
-        ("layers", str(c.num_hidden_layers)),
-        ("hidden size", str(c.hidden_size)),
-        ("vocabulary", f"{c.vocab_size:,}"),
-    ]
-    if c.is_mla:
-        q = "direct" if c.q_lora_rank is None else f"q_lora_rank {c.q_lora_rank}"
-        rows.append(("attention", f"MLA, {c.num_attention_heads} heads, kv_lora_rank {c.kv_lora_rank}, {q}"))
-    else:
-        rows.append(("attention", f"GQA, {c.num_attention_heads} heads, {c.num_key_value_heads} KV heads, "
-                                  f"head_dim {c.head_dim}"))
-    if c.n_routed_experts:
-        n_moe = sum(c.is_moe_layer(i) for i in range(c.num_hidden_layers))
-        rows.append(("experts", f"{n_moe} MoE layers: {c.n_routed_experts} routed ({c.num_experts_per_tok} active), "
-                                f"{c.n_shared_experts} shared, {c.scoring_func} gating"))
-    if c.rope_scaling:
-        rows.append(("rope", f"theta {c.rope_theta:g}, {c.rope_scaling['rope_type']} scaling"))
-    else:
-        rows.append(("rope", f"theta {c.rope_theta:g}"))
-    if c.num_nextn_predict_layers:
-        rows.append(("mtp", f"{len(model.mtp)} module(s) loaded"))
-    rows.append(("tied embeddings", str(c.tie_word_embeddings).lower()))
-    quantized = describe_quantization(model)
-    if quantized:
-        rows.append(("quantization", quantized))
-    return rows
-
-
 def cmd_info(args) -> None:
-    from ouvert import load_model
-
-    model = load_model(args.model)
+    model = io.load_model(args.model)
     rows = describe(model)
     w = max(len(k) for k, _ in rows)
     for k, v in rows:
@@ -248,40 +207,31 @@ def cmd_info(args) -> None:
 
 def cmd_init(args) -> None:
     """A new model with random weights from a preset (for the demo, and to start training)."""
-    from ouvert import Transformer, load_tokenizer, preset, save_model
-
     cfg = preset(args.preset)
-    tok = load_tokenizer(args.tokenizer) if args.tokenizer else None
+    tok = io.load_tokenizer(args.tokenizer) if args.tokenizer else None
     if tok is not None and tok.vocab_size > cfg.vocab_size:
         raise ValueError(f"tokenizer has {tok.vocab_size} tokens but preset {args.preset} only {cfg.vocab_size}")
     model = Transformer(cfg)
     model.init_weights(std=args.init_std, generator=torch.Generator().manual_seed(args.seed))
     model.to(DTYPES[args.dtype])
-    save_model(model, args.out, tokenizer=tok)
+    io.save_model(model, args.out, tokenizer=tok)
     n = sum(p.numel() for p in model.parameters())
     print(f"wrote {args.out} ({n / 1e6:.1f}M parameters, preset {args.preset})")
 
 
 def cmd_train(args) -> None:
-    from ouvert.train.__main__ import main as train_main
-
     code = train_main([args.config, *args.rest] + (["--resume"] if args.resume else []))
     if code:
         raise SystemExit(code)
 
 
 def cmd_tokenizer_train(args) -> None:
-    from ouvert.data import expand_inputs
-    from ouvert.tokenizer import train_tokenizer
-
     files = expand_inputs(args.input)
     tok = train_tokenizer(files, args.vocab_size, args.out)
     print(f"wrote {args.out}: {tok.vocab_size} tokens, trained on {len(files)} file(s)")
 
 
 def cmd_data_prepare(args) -> None:
-    from ouvert.data import prepare
-
     m = prepare(args.tokenizer, args.input, args.out, val_fraction=args.val_fraction, text_field=args.text_field,
                 workers=args.workers)
     for p in m["problems"]:
@@ -291,9 +241,61 @@ def cmd_data_prepare(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from ouvert.eval.run import cmd_eval as run_eval
-
     run_eval(args)
+
+
+def cmd_quantize(args) -> None:
+    """`ouvert quantize --model DIR --scheme SCHEME [--group-size G] --out DIR`."""
+    if args.scheme not in BLOCK_SCHEMES:
+        check_scheme(args.scheme, args.group_size)
+    src = Path(args.model)
+    # a GGUF file is read dequantized (its blocks, requantized, lose more than float weights would)
+    model = quantize_model(io.load_model(src, dtype=torch.float32 if src.suffix == ".gguf" else None), args.scheme,
+                           args.group_size)
+    tok = io.load_tokenizer(src) if src.suffix == ".gguf" or (src / "tokenizer.json").is_file() else None
+    lineage = {"derived_by": f"ouvert quantize --scheme {args.scheme}",
+               "parent": manifest.parent_record(src)}  # ouvert.json names the checkpoint (or file) it came from
+    io.save_model(model, args.out, tokenizer=tok, provenance=lineage)
+    print(f"wrote {args.out}: {describe_quantization(model)}")
+
+
+def cmd_export_gguf(args: argparse.Namespace) -> None:
+    out = io.export_gguf(args.model, args.out, args.type, args.tokenizer)
+    print(f"wrote {out} ({args.type or 'as stored'}, {out.stat().st_size / 2**20:.1f} MiB)")
+
+
+def cmd_export_hf(args: argparse.Namespace) -> None:
+    print(f"wrote {io.export_hf(args.model, args.out, args.tokenizer)}")
+
+
+def add_quantize_parser(sub) -> None:
+    p = sub.add_parser("quantize", help="weight-only checkpoint (HF layout): GGUF block formats, int8, int4")
+    p.add_argument("--model", required=True, help="float checkpoint directory")
+    p.add_argument("--scheme", required=True,
+                   help=f"{', '.join(BLOCK_SCHEMES)} (GGUF's block formats, run by ouvert's kernels); "
+                        "int8 (per output channel) or int4 (groups), run by torch's kernels")
+    p.add_argument("--group-size", type=int, default=None, help="int4: 32, 64, 128 or 256 (default 128, else 32)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_quantize)
+
+
+def add_export_parser(sub) -> None:
+    """`ouvert export gguf | hf`."""
+    ex = sub.add_parser("export", help="write a checkpoint in another format").add_subparsers(
+        dest="export_command", required=True)
+    p = ex.add_parser("gguf", help="one GGUF file for llama.cpp and Ollama, tokenizer and chat template inside")
+    p.add_argument("--model", required=True, help="checkpoint: HF directory, Meta directory or GGUF file")
+    p.add_argument("--out", required=True, help="the .gguf file to write")
+    p.add_argument("--type", default=None, metavar="TYPE",
+                   help=f"tensor type: {', '.join(dict.fromkeys(TYPES + BLOCK_SCHEMES))}. Default: a checkpoint "
+                        "in GGUF blocks (ouvert quantize, a GGUF file) copies its blocks as they are; a float one f16")
+    p.add_argument("--tokenizer", help="directory with tokenizer.json (default: the model's)")
+    p.set_defaults(func=cmd_export_gguf)
+    p = ex.add_parser("hf", help="a Hugging Face directory (from Meta's consolidated.*.pth, or a GGUF file)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--tokenizer", help="directory with tokenizer.json to copy alongside")
+    p.set_defaults(func=cmd_export_hf)
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -398,10 +400,6 @@ def _add_threads(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from ouvert.checkpoint.hf import CheckpointError
-    from ouvert.config import ConfigError
-    from ouvert.tokenizer import TokenizerError
-
     try:
         configure_threads(getattr(args, "threads", None), warn=args.command in _COMPUTE_COMMANDS)
         args.func(args)

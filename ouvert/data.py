@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ouvert.checkpoint.manifest import sha256_file
 from ouvert.checkpoint.io import load_tokenizer
+from ouvert.checkpoint.manifest import sha256_file
 from ouvert.tokenizer import tokenizer_hash
 
 

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from ouvert import cli
-from ouvert.tokenizer import load_tokenizer
+from ouvert.checkpoint.io import load_tokenizer
 
 
 def run(*args, input=None):

@@ -26,7 +26,8 @@ from conftest import perturb
 from safetensors.torch import load_file, save_file
 
 import ouvert
-from ouvert.checkpoint.hf import CheckpointError, dequantize_fp8, our_name
+from ouvert.checkpoint.base import CheckpointError, our_name
+from ouvert.checkpoint.hf import dequantize_fp8
 from ouvert.config import ModelConfig
 from ouvert.generate.cache import Cache
 from ouvert.generate.decode import decode_step, pad_left, prefill

@@ -35,11 +35,11 @@ from safetensors.torch import load_file
 
 import ouvert
 from ouvert import CheckpointError, kernels
-from ouvert.checkpoint.gguf import export_gguf
+from ouvert.checkpoint.io import export_gguf, load_tokenizer
 from ouvert.cli import main as cli_main
 from ouvert.generate.sampling import SamplingParams
 from ouvert.quantize import BlockEmbedding
-from ouvert.tokenizer import load_tokenizer, train_tokenizer
+from ouvert.tokenizer import train_tokenizer
 
 VOCAB = 320
 TEXT = (

@@ -264,7 +264,7 @@ def test_real_gguf_runs_as_stored(smollm2):
     assert stored.lm_head.weight is stored.embed_tokens.weight  # tied: one copy of the blocks
     float_params = sum(p.numel() for p in stored.parameters())
     assert float_params < 0.01 * sum(p.numel() for p in reference.parameters())  # norms only
-    from ouvert.cli import describe
+    from ouvert.card import describe
 
     info = dict(describe(stored))  # `ouvert info`: every weight counted once, the tied head too
     assert info["parameters"].startswith(f"{sum(p.numel() for p in reference.parameters()):,} ")

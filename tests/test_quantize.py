@@ -16,7 +16,8 @@ from torch import nn
 
 import ouvert
 from ouvert import quantize
-from ouvert.cli import describe, main
+from ouvert.card import describe
+from ouvert.cli import main
 from ouvert.data import TokenLoader
 from ouvert.generate.decode import pad_left
 from ouvert.generate.sampling import SamplingParams

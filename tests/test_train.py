@@ -181,7 +181,7 @@ def test_resume_refuses_a_crafted_optimizer_state(corpus_data, tmp_path):
     """A train_state file that would run code on loading is refused without running it, even when
     ouvert.json was rewritten to match it; a changed file is refused by its hash first."""
     from ouvert.checkpoint import manifest
-    from ouvert.checkpoint.hf import CheckpointError
+    from ouvert.checkpoint.base import CheckpointError
 
     out = tmp_path / "run"
     train(_cfg(corpus_data, out, max_steps=4, save_every=2, stop_at=2))

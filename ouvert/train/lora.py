@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from ouvert.checkpoint.hf import hf_names
+from ouvert.checkpoint.base import hf_names
 
 
 class LoRALinear(nn.Linear):
