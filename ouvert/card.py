@@ -20,6 +20,7 @@ from ouvert.checkpoint import manifest
 from ouvert.checkpoint.hf import read_config
 from ouvert.model import Transformer
 from ouvert.quantize import describe_quantization, quantized_numel
+from ouvert.train.loop import plot_losses
 
 CARD = "MODEL_CARD.md"
 
@@ -96,7 +97,6 @@ def _training_section(record: dict[str, Any]) -> list[str]:
 
 def render(path: str | Path, license: str | None = None) -> str:
     """The card's Markdown; also (re)draws loss.png beside it when the checkpoint has metrics."""
-    from ouvert.train.loop import plot_losses
 
     path = Path(path)
     cfg = read_config(path)

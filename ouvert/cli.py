@@ -21,13 +21,13 @@ from ouvert.config import ConfigError, preset
 from ouvert.data import expand_inputs, prepare
 from ouvert.eval.run import cmd_eval as run_eval
 from ouvert.generate.decode import stream
-from ouvert.generate.sampling import SamplingParams, stop_ids
+from ouvert.generate.sampling import SamplingParams
 from ouvert.generate.speculative import speculative_generate
 from ouvert.model import Transformer
 from ouvert.quantize import BLOCK_SCHEMES, check_scheme, describe_quantization, quantize_model
 from ouvert.serve.cli import add_serve_parser
 from ouvert.threads import configure_threads
-from ouvert.tokenizer import TokenizerError, train_tokenizer
+from ouvert.tokenizer import TokenizerError, stop_ids, train_tokenizer
 from ouvert.train.__main__ import main as train_main
 from ouvert.train.reproduce import add_reproduce_parser
 
@@ -75,7 +75,7 @@ class Timing:
 def _sampling_params(args, model, tok, **more) -> SamplingParams:
     """The sampling flags (_sampling_args), stopping at the model's stop tokens."""
     return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                          seed=args.seed, stop_token_ids=stop_ids(model, tok), **more)
+                          seed=args.seed, stop_token_ids=stop_ids(tok, model.config), **more)
 
 
 def _tokens(model, tok, ids: list[int], args) -> Iterator[int]:

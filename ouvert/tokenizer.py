@@ -303,3 +303,8 @@ def tokenizer_hash(path: str | Path) -> str:
     import hashlib
 
     return hashlib.sha256((Path(path) / "tokenizer.json").read_bytes()).hexdigest()
+
+
+def stop_ids(tok: Tokenizer, config) -> list[int]:
+    """What ends a reply: the tokenizer's stop tokens, then the model config's eos ids it lacks."""
+    return list(dict.fromkeys([*tok.stop_token_ids, *config.stop_token_ids]))

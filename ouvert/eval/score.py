@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from ouvert.generate.decode import generate
-from ouvert.generate.sampling import SamplingParams, stop_ids
+from ouvert.generate.sampling import SamplingParams
+from ouvert.tokenizer import stop_ids
 
 
 def prefix_id(tok) -> int:
@@ -132,7 +133,7 @@ def greedy_generate(model, tok, prompts: Sequence[str], max_new_tokens: int = 64
     if room < 2:
         raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the context")
     ids = [[prefix_id(tok), *tok.encode(p, add_special_tokens=False)][-room:] for p in prompts]
-    stops = stop_ids(model, tok)
+    stops = stop_ids(tok, model.config)
     params = SamplingParams(temperature=temperature, seed=seed, stop_token_ids=stops, stop=tuple(stop))
     out = [""] * len(prompts)
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))

@@ -59,11 +59,6 @@ class SamplingParams:
         return set(default if self.stop_token_ids is None else self.stop_token_ids)
 
 
-def stop_ids(model, tok) -> list[int]:
-    """The tokenizer's stop tokens, then the model config's eos ids it lacks: what ends a reply."""
-    return list(dict.fromkeys([*tok.stop_token_ids, *model.config.stop_token_ids]))
-
-
 # ---- penalties ----------------------------------------------------------------------------------
 
 

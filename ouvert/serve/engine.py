@@ -53,7 +53,7 @@ import torch
 from torch import Tensor
 
 from ouvert import kernels
-from ouvert.generate.sampling import Penalties, SamplingParams, sample, stop_ids
+from ouvert.generate.sampling import Penalties, SamplingParams, sample
 from ouvert.model import Experts, MLAttention, Router, attention_mask
 from ouvert.quantize import (
     BLOCK_KERNEL_MAX_ROWS,
@@ -64,6 +64,7 @@ from ouvert.quantize import (
     float_rows_view,
 )
 from ouvert.serve.cache import SlotCache
+from ouvert.tokenizer import stop_ids
 
 if TYPE_CHECKING:
     from ouvert.serve.grammar import Grammar
@@ -353,7 +354,7 @@ class Engine:
             )
         self.context_length = length
         self.cache = SlotCache(model, max_batch, _round_up(length, chunk))
-        self.stop_token_ids = stop_ids(model, tokenizer) if stop_token_ids is None else stop_token_ids
+        self.stop_token_ids = stop_ids(tokenizer, model.config) if stop_token_ids is None else stop_token_ids
         self.window = cfg.sliding_window
         self.pad_id = tokenizer.pad_token_id or 0
 

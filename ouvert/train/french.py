@@ -34,8 +34,7 @@ from pathlib import Path
 
 import torch
 
-from ouvert.checkpoint.io import load_model, load_tokenizer, save_model
-from ouvert.cli import main as cli
+from ouvert.checkpoint.io import export_gguf, load_model, load_tokenizer, save_model
 from ouvert.generate import SamplingParams, generate
 from ouvert.train.config import TrainConfig
 from ouvert.train.grpo import looks_french
@@ -317,7 +316,8 @@ def run(out: Path, model: Path = SMOLLM2, sft_steps: int = 10, grpo_steps: int =
 
 def export_and_ask(model_dir: Path, gguf: Path, question: str = "What is the capital of France?") -> dict:
     """`ouvert export gguf` (q8_0), then llama.cpp's greedy reply to the question, when cyllama is there."""
-    cli(["export", "gguf", "--model", str(model_dir), "--out", str(gguf), "--type", "q8_0"])
+    export_gguf(model_dir, gguf, "q8_0")
+    print(f"wrote {gguf} (q8_0, {gguf.stat().st_size / 2**20:.1f} MiB)")
     info: dict = {"file": str(gguf), "question": question}
     try:
         from cyllama import LLM  # noqa: F401

@@ -14,7 +14,7 @@ from ouvert.checkpoint.base import CheckpointError
 from ouvert.checkpoint.gguf.codec import gguf_lib
 from ouvert.checkpoint.gguf.read import GGUFFile
 from ouvert.config import ModelConfig
-from ouvert.tokenizer import LLAMA3_SPLIT, Tokenizer
+from ouvert.tokenizer import LLAMA3_SPLIT, Tokenizer, stop_ids
 
 _PRE_TOKENIZERS: dict[str, str] = {}  # signature (JSON) -> llama.cpp's tokenizer.ggml.pre; filled below
 
@@ -134,7 +134,7 @@ def tokenizer_meta(tok, cfg: ModelConfig) -> TokenizerMeta:
                    ("unknown", tok.token_to_id(tok.special_tokens.get("unk_token")))):
         if v is not None:
             ids[key] = int(v)
-    stops = [i for i in [*tok.stop_token_ids, *cfg.stop_token_ids] if i != eos]
+    stops = [i for i in stop_ids(tok, cfg) if i != eos]
     if stops:
         ids["eot"] = int(stops[0])  # Llama 3 instruct: <|eot_id|> ends a turn, <|end_of_text|> the text
 
