@@ -66,7 +66,7 @@ from ouvert.quantize import (
 from ouvert.serve.cache import SlotCache
 from ouvert.tokenizer import stop_ids
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # a type only: the engine runs the grammars it is handed without loading llguidance
     from ouvert.serve.grammar import Grammar
 
 
