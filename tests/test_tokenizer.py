@@ -95,3 +95,5 @@ def test_tokenizer_errors(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(TokenizerError, match=r"tokenizer\.json: cannot read"):
         ouvert.load_tokenizer(tmp_path)
+    with pytest.raises(ouvert.CheckpointError, match=r"missing\.gguf: no such file"):  # a GGUF file, not a directory
+        ouvert.load_tokenizer(tmp_path / "missing.gguf")

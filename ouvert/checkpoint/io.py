@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ouvert.assets import check_asset
 from ouvert.checkpoint.base import CheckpointError
 from ouvert.checkpoint.gguf import gguf_tokenizer, load_gguf, write_gguf
 from ouvert.checkpoint.hf import load_hf, save_model
@@ -40,7 +41,10 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """A tokenizer from a directory with tokenizer.json, or the one a GGUF file carries."""
     path = Path(path)
-    if path.suffix == ".gguf" and path.is_file():
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            check_asset(path)  # a file `make assets` fetches says how to fetch it
+            raise CheckpointError(f"{path}: no such file")
         return gguf_tokenizer(path)
     return read_tokenizer(path)
 
