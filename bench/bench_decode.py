@@ -20,7 +20,7 @@ repeat (the best sample counts, as the best repeat does):
   prefill  matmul peak (a 2048^3 matmul in that dtype) / FLOPs per token: 2 per weight (not the
            embedding, nor the head, which runs on the last position only) plus causal attention.
 
-Weight-only int8 / int4 rows (--quant, ouvert/quantize.py): the float checkpoint quantized with
+Weight-only int8 / int4 rows (--quant, ouvert/quantize/): the float checkpoint quantized with
 quantize_model and saved beside it, loaded with ouvert.load_model; its transformers column is the float
 model again, timed interleaved with it. Their decode ceiling counts the quantized bytes (integers,
 scales and zeros) for the quantized Linears, routed experts and an untied head (int8 under both

@@ -1,7 +1,7 @@
 """ouvert: an open LLM stack for the Llama and DeepSeek families, in plain PyTorch.
 
 The names below are the ones a user starts from. The rooms behind them, lowest first: config.py and
-kernels/; model.py; tokenizer.py and chat.py; checkpoint/ (with quantize.py and assets.py); data.py;
+kernels/; model.py; tokenizer.py and chat.py; checkpoint/ (with quantize/ and assets.py); data.py;
 generate/; serve/, train/, eval/; card.py and cli.py. docs/architecture.md draws them.
 """
 

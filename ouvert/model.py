@@ -341,7 +341,7 @@ class Experts(nn.Module):
 
     def weights(self, w: str, idx, dtype: torch.dtype | None = None) -> Tensor:
         """Projection w's (out, in) weights of expert idx, an int, or of experts idx, a tensor of
-        indices (..., out, in). Quantized subclasses (ouvert/quantize.py) dequantize them to dtype;
+        indices (..., out, in). Quantized subclasses (ouvert/quantize/) dequantize them to dtype;
         float weights come as stored."""
         return getattr(self, w)[idx]
 

@@ -590,7 +590,7 @@ def block_dir(tmp_path_factory, tok_dir):
 
 @pytest.mark.parametrize("scheme", list(BLOCK_TOLERANCE))
 def test_quantize_to_blocks_saves_loads_and_exports_as_stored(block_dir, tok_dir, tmp_path, scheme):
-    from ouvert.quantize import BlockLinear, _more_bits, block_plan
+    from ouvert.quantize.blocks import BlockLinear, _more_bits, block_plan
 
     out = tmp_path / scheme
     assert cli_main(["quantize", "--model", str(block_dir), "--scheme", scheme, "--out", str(out)]) == 0

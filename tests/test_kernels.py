@@ -328,7 +328,7 @@ def test_prefill_takes_the_path_measured_faster():
     """Above 64 rows a BlockLinear runs the kernels in chunks of 64 rows, or dequantizes and calls torch's
     matmul: whichever was faster when timed once on this machine. Either way the numbers are what that
     path gives: the kernels' rows exactly (row invariance), or torch's product of the decoded weight."""
-    from ouvert.quantize import BlockLinear, _prefill_choice, prefill_on_kernels
+    from ouvert.quantize.blocks import BlockLinear, _prefill_choice, prefill_on_kernels
 
     qtype = TYPES["Q8_0"].id
     lin = BlockLinear(256, 96, qtype)

@@ -133,7 +133,7 @@ def test_dequantized_path_in_slices(scheme, group_size, dtype, monkeypatch):
     Not bit for bit: a slice is a GEMM with fewer output columns (64, 8) than the whole (200), which
     the CPU's BLAS may block differently and so sum in another order (AVX2 and AVX-512 alike: 3.6% of
     the float32 outputs differ by up to 6e-7 in the last slice); within _reordered_sum_bound."""
-    monkeypatch.setattr(quantize, "DEQUANT_ROWS", 64)
+    monkeypatch.setattr(quantize.common, "DEQUANT_ROWS", 64)
     torch.manual_seed(0)
     q = _quantized_linear(nn.Linear(128, 200, bias=True), scheme, group_size).to(dtype)  # 64 + 64 + 64 + 8 rows
     q.use_kernel = False

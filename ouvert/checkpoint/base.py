@@ -38,7 +38,7 @@ class CheckpointError(ValueError):
 # ---- the name table ---------------------------------------------------------------------------
 # (ours, HF). Placeholders: {i} a trunk layer, {m} an MTP depth (HF layer num_hidden_layers + m),
 # {e} an expert (stacked on dim 0 on our side), {w} an expert projection, {q} empty or, in an int8 /
-# int4 checkpoint (ouvert/quantize.py), the suffix of a quantized tensor (`gate_proj_scale` is
+# int4 checkpoint (ouvert/quantize/), the suffix of a quantized tensor (`gate_proj_scale` is
 # `gate_proj.weight_scale`), {own} a part only the MTP module has, {rest} any remaining dotted
 # path. First match wins, in both directions.
 NAMES: list[tuple[str, str]] = [
@@ -118,7 +118,7 @@ def build_on_meta(
 ) -> tuple[Transformer, dict[str, Tensor]]:
     """The model on the meta device (no memory, no random init), and the tensors a checkpoint
     must supply: parameters and persistent buffers, the tied head excepted. `swap` replaces
-    modules first (a quantized checkpoint's Linears: ouvert/quantize.py's prepare_for_load)."""
+    modules first (a quantized checkpoint's Linears: ouvert/quantize/'s prepare_for_load)."""
     with torch.device("meta"):
         model = Transformer(cfg)
     if swap is not None:

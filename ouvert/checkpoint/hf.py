@@ -2,7 +2,7 @@
 
 Names map through checkpoint/base.py's table. Weights are memory-mapped (safetensors), converted
 only if asked for another dtype, and DeepSeek's FP8 blocks are dequantized tensor by tensor. An
-ouvert int8 / int4 or GGUF-block checkpoint (ouvert/quantize.py) gets its quantized modules.
+ouvert int8 / int4 or GGUF-block checkpoint (ouvert/quantize/) gets its quantized modules.
 """
 
 from __future__ import annotations
@@ -274,7 +274,7 @@ def hf_state_dict(model: Transformer, state: dict[str, torch.Tensor] | None = No
         out[f"model.layers.{layer}.embed_tokens.weight"] = out["model.embed_tokens.weight"]
         head = out.get("lm_head.weight", out["model.embed_tokens.weight"])
         out[f"model.layers.{layer}.shared_head.head.weight"] = head
-        if "lm_head.weight_scale" in out:  # an int8 head (ouvert/quantize.py)
+        if "lm_head.weight_scale" in out:  # an int8 head (ouvert/quantize/integer.py)
             out[f"model.layers.{layer}.shared_head.head.weight_scale"] = out["lm_head.weight_scale"]
     return out
 

@@ -29,7 +29,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype | None = None, device: str | 
 
     Without a dtype, the file runs as stored: linear layers and the embedding whose tensors are in a
     block format ouvert's kernels cover (Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K) keep their blocks,
-    memory-mapped, in BlockLinear / BlockEmbedding (ouvert/quantize.py), and everything else is
+    memory-mapped, in BlockLinear / BlockEmbedding (ouvert/quantize/blocks.py), and everything else is
     float. An explicit dtype dequantizes every tensor to it: the reference path."""
     g = gguf_lib()
     path = Path(path)
