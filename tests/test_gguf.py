@@ -7,7 +7,7 @@
   block's scale) and q4_0 (one step);
 - the metadata says every setting explicitly, DeepSeek-V3's sigmoid gating in particular although
   transformers 5 leaves scoring_func out of config.json;
-- llama.cpp itself (cyllama's prebuilt build, see _llama_cpp) loads the files, tokenizes as ouvert
+- llama.cpp itself (cyllama's prebuilt build, see llama_cpp_ref.py) loads the files, tokenizes as ouvert
   does, carries the chat template that renders as ouvert's, and gives the same 32 greedy tokens and
   logits, for llama (GQA, llama3 rope scaling) and deepseek2 (MLA with q_lora, sigmoid routing in
   groups, YaRN), in f32;
@@ -31,6 +31,7 @@ from conftest import (
     perturb,
 )
 from gguf import GGMLQuantizationType as Q  # noqa: E402
+from llama_cpp_ref import cyllama_api, llama_cpp_greedy, llama_cpp_logits, llama_cpp_model
 from safetensors.torch import load_file
 
 import ouvert
@@ -394,66 +395,7 @@ def test_cli_export(llama_dir, tmp_path, capsys):
         messages, add_generation_prompt=True)
 
 
-# ---- llama.cpp itself -----------------------------------------------------------------------------
-
-
-def _llama_cpp():
-    """llama.cpp's C API through cyllama (requirements-dev.txt): a prebuilt wheel whose llama.cpp is
-    compiled for AVX2 without AVX-512, so every x86 CPU the tests run on runs the same code, and no
-    one waits ten minutes for a source build as llama-cpp-python's needed."""
-    import cyllama.llama.llama_cpp as cp
-
-    cp.disable_logging()
-    cp.ggml_backend_load_all()
-    return cp
-
-
-def _llama_cpp_model(path):
-    """The whole model: this llama.cpp aborts the process loading a file vocab_only (llama-hparams.cpp:35)."""
-    cp = _llama_cpp()
-
-    class Model(cp.LlamaModel):
-        # cyllama 0.2.18's LlamaContext.get_logits_ith asks its model for n_vocab, which only the vocab has
-        n_vocab = property(lambda self: self.get_vocab().n_vocab)
-
-    return Model(str(path), cp.LlamaModelParams())
-
-
-def _llama_cpp_context(model, n_ctx: int):
-    cp = _llama_cpp()
-    params = cp.LlamaContextParams()
-    params.n_ctx = params.n_batch = params.n_ubatch = n_ctx
-    # one thread: OpenMP workers spinning on a shared 2-core machine are slower than one
-    params.n_threads = params.n_threads_batch = 1
-    # Flash attention off, as llama-cpp-python had it: this llama.cpp's "auto" turns it on, and on
-    # deepseek2 (MLA) its logits then move by 10% (decode) to 70% (prompt) of their range.
-    params.flash_attn_type = 0
-    return cp.LlamaContext(model, params)
-
-
-def _llama_cpp_greedy(model, prompt: list[int], n: int) -> tuple[list[int], list[np.ndarray]]:
-    """llama.cpp's greedy tokens after prompt and the logits each was chosen from, one decode a token."""
-    cp = _llama_cpp()
-    ctx = _llama_cpp_context(model, 128)
-    ctx.decode(cp.llama_batch_get_one(prompt))
-    out, logits = [], []
-    for i in range(n):
-        row = np.array(ctx.get_logits_ith(-1))
-        logits.append(row)
-        out.append(int(row.argmax()))
-        ctx.decode(cp.llama_batch_get_one([out[-1]], len(prompt) + i))
-    return out, logits
-
-
-def _llama_cpp_logits(model, tokens: list[int]) -> np.ndarray:
-    """Teacher-forced: llama.cpp's logits at every position of tokens, from one batch (the prompt path)."""
-    cp = _llama_cpp()
-    ctx = _llama_cpp_context(model, len(tokens))
-    batch = cp.LlamaBatch(n_tokens=len(tokens), embd=0, n_seq_max=1)
-    for i, t in enumerate(tokens):
-        batch.add(t, i, [0], True)
-    ctx.decode(batch)
-    return np.stack([np.array(ctx.get_logits_ith(i)) for i in range(len(tokens))])
+# ---- llama.cpp itself (llama_cpp_ref.py) ----------------------------------------------------------
 
 
 @pytest.mark.parametrize("arch", ["llama", "deepseek"])
@@ -463,8 +405,8 @@ def test_llama_cpp_same_greedy_tokens(exported, llama_dir, deepseek_dir, tok_dir
     model = ouvert.load_model(d)
     tok = load_tokenizer(tok_dir)
     prompt = tok.encode("The quick brown fox, ça va? 1234")
-    llm = _llama_cpp_model(exported[arch, "f32"])
-    theirs, logits = _llama_cpp_greedy(llm, prompt, 32)
+    llm = llama_cpp_model(exported[arch, "f32"])
+    theirs, logits = llama_cpp_greedy(llm, prompt, 32)
     ours = ouvert.generate(model, prompt, 32, SamplingParams(temperature=0))[0]
     ours = ours[len(prompt):] if len(ours) > 32 else ours
     assert list(ours) == theirs
@@ -475,7 +417,7 @@ def test_llama_cpp_same_greedy_tokens(exported, llama_dir, deepseek_dir, tok_dir
     # f32 both sides, but llama.cpp keeps K and V in f16: measured 0.2-0.3% of the range, here and on AVX2
     assert np.abs(np.stack(logits) - ref.numpy()).max() < 0.05 * float(ref.abs().max())
     # and teacher-forced, every position from one batch (llama.cpp's prompt path)
-    assert np.abs(_llama_cpp_logits(llm, prompt + theirs) - full.numpy()).max() < 0.05 * float(full.abs().max())
+    assert np.abs(llama_cpp_logits(llm, prompt + theirs) - full.numpy()).max() < 0.05 * float(full.abs().max())
 
     # the tokenizer and chat template travel with the file
     text = "Ça va très bien, merci ! 你好 won't 12345 <|eot_id|>"
@@ -520,7 +462,7 @@ def test_llama_cpp_tokenizes_real_tokenizers_as_ouvert(which, llama3_tokenizer_d
                                                                            tok.chat_template)
     for text in texts:
         assert back.encode(text) == tok.encode(text), text
-    llm = _llama_cpp_model(path)
+    llm = llama_cpp_model(path)
     assert llm.metadata()["tokenizer.ggml.pre"] == {"llama3": "llama-bpe", "deepseek-v3": "deepseek-v3"}[which]
     for text in texts:
         assert llm.get_vocab().tokenize(text, add_special=True, parse_special=True) == tok.encode(text), text
@@ -537,7 +479,7 @@ def test_reads_k_quants_from_llama_cpp_quantizer(tok_dir, tmp_path):
     hf.save_pretrained(d)
     _with_tokenizer(d, tok_dir)
     f16 = export_gguf(d, tmp_path / "f16.gguf", "f16")
-    cp = _llama_cpp()
+    cp = cyllama_api()
     params = cp.LlamaModelQuantizeParams()
     params.ftype, params.nthread = int(gguf.LlamaFileType.MOSTLY_Q4_K_M), 1  # llama.h's numbering
     out = tmp_path / "q.gguf"
@@ -630,7 +572,7 @@ def _read_back_and_run_llama_cpp(model, gguf_file, x, y) -> tuple[np.ndarray, np
     with torch.no_grad():
         assert torch.equal(back(x), y)
     tokens = x[0].tolist()[:48]
-    theirs = _llama_cpp_logits(_llama_cpp_model(gguf_file), tokens)
+    theirs = llama_cpp_logits(llama_cpp_model(gguf_file), tokens)
     with torch.no_grad():
         return theirs, model(torch.tensor([tokens]))[0].numpy()
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import openai
 import pytest
 import torch
-from test_gguf import _llama_cpp_logits, _llama_cpp_model
+from llama_cpp_ref import llama_cpp_logits, llama_cpp_model
 
 import ouvert
 from ouvert.cli import build_parser
@@ -146,7 +146,7 @@ def test_teacher_forced_agreement_with_llama_cpp():
     text = sorted((ROOT / ".cache/corpus/shakespeare").glob("*.txt"))[0].read_text()[20_000:40_000]
     ids = tok.encode(text)[:400]
     assert len(ids) == 400
-    theirs = _llama_cpp_logits(_llama_cpp_model(SMOLLM2), ids).argmax(-1)
+    theirs = llama_cpp_logits(llama_cpp_model(SMOLLM2), ids).argmax(-1)
 
     x = torch.tensor([ids])
     stored = ouvert.load_model(SMOLLM2)
