@@ -13,10 +13,10 @@ import torch
 
 from ouvert import ModelConfig, Transformer, kernels, load_tokenizer
 from ouvert.generate import generate
-from ouvert.generate.sampling import MIN_TEMPERATURE, SamplingParams, apply_penalties, sample
+from ouvert.generate.sampling import MIN_TEMPERATURE, SamplingParams, StopStrings, apply_penalties, sample
 from ouvert.model import KVCache
 from ouvert.serve.cache import SlotCache
-from ouvert.serve.engine import Engine, QueueFull, Request, StopStrings
+from ouvert.serve.engine import Engine, QueueFull, Request
 from ouvert.serve.grammar import GrammarCompiler
 
 LLAMA = dict(model_type="llama", vocab_size=128256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

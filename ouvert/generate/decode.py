@@ -3,7 +3,7 @@
 `prefill` runs the prompts (left-padded to one length) and fills the cache; `decode_step` runs
 one new token per row. `stream` yields the tokens of each step as they come; `generate` collects
 them. Stop tokens end a row (and are kept in its output, as transformers does); stop strings end
-it once the decoded text contains them.
+it once the decoded text contains them (found as the server finds them, sampling.StopStrings).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ouvert import kernels
 from ouvert.generate.cache import Cache
-from ouvert.generate.sampling import Penalties, SamplingParams, sample
+from ouvert.generate.sampling import Penalties, SamplingParams, StopStrings, sample
 from ouvert.model import KVCache
 from ouvert.quantize import BLOCK_KERNEL_MAX_ROWS, float_rows_view
 
@@ -156,7 +156,7 @@ def stream(
     logits, position = prefill(model, tokens, mask, cache)
     penalties = Penalties(params, tokens, mask, logits.shape[-1])
     decoders = [tokenizer.stream() for _ in range(B)] if stop else None
-    texts = [""] * B
+    found = [StopStrings(list(stop)) for _ in range(B)] if stop else None  # the engine's matcher
     done = [False] * B
     for step in range(max_new_tokens):
         nxt = sample(penalties.apply(logits), params, generators)
@@ -170,10 +170,7 @@ def stream(
             if t in stops:
                 done[i] = True
             elif decoders is not None:
-                texts[i] += decoders[i].push(t)
-                tail = texts[i][-(max(map(len, stop)) + 16) :]
-                if any(s in tail for s in stop):
-                    done[i] = True
+                done[i] = found[i].push(decoders[i].push(t))[1]
         yield out
         if all(done) or step == max_new_tokens - 1:
             return

@@ -138,3 +138,60 @@ def sample(logits: Tensor, params: SamplingParams, generators: list[torch.Genera
     if generators is None:
         return torch.multinomial(probs, 1).squeeze(-1)
     return torch.cat([torch.multinomial(probs[i : i + 1], 1, generator=g) for i, g in enumerate(generators)]).view(-1)
+
+
+# ---- stop strings -------------------------------------------------------------------------------
+
+
+class StopStrings:
+    """Finds stop strings in text that arrives in pieces, in time linear in the text.
+
+    Each stop string has a Knuth-Morris-Pratt automaton whose state is the length of the longest
+    suffix of the text so far that is a prefix of that string. A piece of text moves each state one
+    character at a time (amortized O(1) per character), so a token costs O(len(its text)) whatever
+    the stop strings' length. The text that may begin a stop string (the longest such suffix, at most
+    the longest stop string less one character) is held back until it cannot.
+    Empty stop strings are ignored: they would end every request before its first token.
+    """
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.fail = [_failure(s) for s in self.stops]
+        self.state = [0] * len(self.stops)
+        self.held = ""
+
+    def push(self, new: str, final: bool = False) -> tuple[str, bool]:
+        """Add new text; return the part safe to send, and whether a stop string ended the text
+        (the text is then cut where the earliest stop string begins). final sends what is held."""
+        text = self.held + new
+        cut = None
+        for k, (s, fail) in enumerate(zip(self.stops, self.fail)):
+            q = self.state[k]
+            for j, ch in enumerate(new):
+                while q and s[q] != ch:
+                    q = fail[q - 1]
+                if s[q] == ch:
+                    q += 1
+                if q == len(s):  # s ends at new[j]
+                    start = len(self.held) + j + 1 - len(s)
+                    cut = start if cut is None else min(cut, start)
+                    break
+            self.state[k] = q
+        if cut is not None:
+            self.held = ""
+            return text[:cut], True
+        keep = 0 if final else max(self.state, default=0)
+        self.held = text[len(text) - keep :] if keep else ""
+        return text[: len(text) - keep], False
+
+
+def _failure(s: str) -> list[int]:
+    """KMP's failure function: f[i] = length of the longest proper prefix of s[: i + 1] that is also its suffix."""
+    f, q = [0] * len(s), 0
+    for i in range(1, len(s)):
+        while q and s[i] != s[q]:
+            q = f[q - 1]
+        if s[i] == s[q]:
+            q += 1
+        f[i] = q
+    return f
