@@ -36,8 +36,9 @@ class Balancer:
     """The balancing statistics of a model's MoE layers, recorded by forward hooks.
 
     Per layer, after each forward: `counts[i]`, tokens per expert (E,), and `losses[i]`, the
-    sequence-wise balance loss of a training forward on (B, T, D) input (None otherwise). A layer
-    that did not run keeps its earlier values (an MTP module's MoE runs only with the MTP loss on).
+    sequence-wise balance loss of a training forward on (B, T, D) input (None otherwise, and None
+    again once `loss` has handed it out). A layer that did not run keeps its earlier counts (an MTP
+    module's MoE runs only with the MTP loss on).
     Copies of the model (DPO's and GRPO's frozen reference) carry the hooks but are not watched:
     a hook only records the modules it was put on.
     """
@@ -79,8 +80,11 @@ class Balancer:
         return hook
 
     def loss(self) -> Tensor | None:
-        """The sum over layers of the last forward's sequence-wise balance losses; None if none."""
+        """The sum over layers of the last forward's sequence-wise balance losses; None if none.
+        Each is handed out once: a layer that does not run in the next forward adds nothing to its
+        loss (rather than a loss whose graph has been through backward already)."""
         losses = [loss for loss in self.losses if loss is not None]
+        self.losses = [None] * len(self.layers)
         return torch.stack(losses).sum() if losses else None
 
     def start_step(self) -> None:
